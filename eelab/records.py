@@ -1,0 +1,187 @@
+"""ExitRecord: every exit's output for every sample of a split, written once and decided on many times."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import EelabError
+from .files import load_torch, save_torch
+
+FORMAT = "eelab.exit_record"
+FORMAT_VERSION = 1
+_FIX = "re-create it with `eelab record CHECKPOINT --split {cal,test} --out FILE`"
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """Outputs of all K exits for N samples (DESIGN, Data contract).
+
+    logits [N, K, C] fp32, labels [N] int64, indices [N] int64 (index in the dataset split),
+    costs [K] MACs to produce exit k's output for one sample, full_cost MACs of the plain network,
+    confidences [N, K] optional learned per-exit confidence, meta dict.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    costs: torch.Tensor
+    full_cost: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    confidences: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        lg = self.logits
+        if lg.ndim != 3:
+            raise EelabError(f"exit record logits must be [N, K, C], got shape {tuple(lg.shape)}; {_FIX}")
+        n, k, _ = lg.shape
+        if self.labels.shape != (n,) or self.indices.shape != (n,):
+            raise EelabError(f"exit record labels/indices must be [{n}], got {tuple(self.labels.shape)} and "
+                             f"{tuple(self.indices.shape)}; {_FIX}")
+        if self.costs.shape != (k,):
+            raise EelabError(f"exit record costs must be [{k}], got {tuple(self.costs.shape)}; {_FIX}")
+        if self.confidences is not None and self.confidences.shape != (n, k):
+            raise EelabError(f"exit record confidences must be [{n}, {k}], got "
+                             f"{tuple(self.confidences.shape)}; {_FIX}")
+
+    @property
+    def n(self) -> int:
+        """N, the number of samples."""
+        return self.logits.shape[0]
+
+    @property
+    def k(self) -> int:
+        """K, the number of exits."""
+        return self.logits.shape[1]
+
+    @property
+    def c(self) -> int:
+        """C, the number of classes."""
+        return self.logits.shape[2]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names from meta, or '0'..'C-1'."""
+        return list(self.meta.get("class_names") or [str(i) for i in range(self.c)])
+
+    def subset(self, rows: torch.Tensor | slice | list[int]) -> "ExitRecord":
+        """The record restricted to some rows (samples); costs and meta unchanged."""
+        conf = None if self.confidences is None else self.confidences[rows]
+        return replace(self, logits=self.logits[rows], labels=self.labels[rows],
+                       indices=self.indices[rows], confidences=conf)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict stored on disk."""
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "logits": self.logits,
+             "labels": self.labels, "indices": self.indices, "costs": self.costs,
+             "full_cost": float(self.full_cost), "meta": self.meta}
+        if self.confidences is not None:
+            d["confidences"] = self.confidences
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        """Write the record atomically (temp file and rename)."""
+        return save_torch(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExitRecord":
+        """Read a record; one-line EelabError for a missing, truncated, foreign or newer-format file."""
+        d = load_torch(path, "exit record", _FIX)
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise EelabError(f"{path} is not an eelab exit record; {_FIX}")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise EelabError(f"{path} has exit-record format version {version!r}, this eelab reads up to "
+                             f"{FORMAT_VERSION}; upgrade eelab or {_FIX}")
+        missing = [key for key in ("logits", "labels", "indices", "costs", "full_cost") if key not in d]
+        if missing:
+            raise EelabError(f"{path} lacks required field(s) {', '.join(missing)}; {_FIX}")
+        meta = dict(d.get("meta") or {})
+        meta.setdefault("format_version", version)
+        return cls(logits=d["logits"].float(), labels=d["labels"].long(), indices=d["indices"].long(),
+                   costs=d["costs"].double(), full_cost=float(d["full_cost"]), meta=meta,
+                   confidences=None if d.get("confidences") is None else d["confidences"].float())
+
+
+def load_record(path: str | Path) -> ExitRecord:
+    """Read an exit record from disk (see ExitRecord.load)."""
+    return ExitRecord.load(path)
+
+
+def check_same_model(a: ExitRecord, b: ExitRecord, what_a: str = "record", what_b: str = "cal record") -> None:
+    """Raise a one-line EelabError unless two records come from the same model and checkpoint."""
+    if a.k != b.k or a.c != b.c or not torch.allclose(a.costs, b.costs) or a.full_cost != b.full_cost:
+        raise EelabError(f"{what_a} and {what_b} come from different models (K={a.k}/{b.k}, C={a.c}/{b.c}, "
+                         f"costs differ={not torch.allclose(a.costs, b.costs) if a.k == b.k else True}); "
+                         f"record both splits from the same checkpoint")
+    sa, sb = a.meta.get("checkpoint_sha256"), b.meta.get("checkpoint_sha256")
+    if sa and sb and sa != sb:
+        raise EelabError(f"{what_a} and {what_b} come from different checkpoints ({sa[:12]} vs {sb[:12]}); "
+                         f"record both splits from the same checkpoint")
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+            prepare: Callable[[torch.Tensor], torch.Tensor], costs: torch.Tensor, full_cost: float,
+            meta: dict[str, Any] | None = None, batch_size: int = 500, progress: bool = True,
+            device: str | torch.device = "cpu") -> ExitRecord:
+    """Run a multi-exit model once over `images` [N, ch, H, W] uint8 and keep every exit's logits in fp32.
+
+    `model(x)` must return logits [B, K, C]; `prepare` turns a uint8 batch into the model's float input.
+    A model with confidence branches returns (logits [B, K, C], confidences [B, K]).
+    """
+    was_training = model.training
+    model.eval()
+    outs, confs = [], []
+    n = images.shape[0]
+    for start in tqdm(range(0, n, batch_size), desc="record", unit="batch", disable=not progress, leave=False):
+        x = prepare(images[start:start + batch_size].to(device))
+        out = model(x)
+        if isinstance(out, tuple):
+            out, conf = out
+            confs.append(conf.float().cpu())
+        outs.append(out.float().cpu())
+    model.train(was_training)
+    return ExitRecord(logits=torch.cat(outs), labels=labels.long().clone(), indices=indices.long().clone(),
+                      costs=costs.double().clone(), full_cost=float(full_cost), meta=dict(meta or {}),
+                      confidences=torch.cat(confs) if confs else None)
+
+
+def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = None, batch_size: int = 500,
+                      progress: bool = True) -> ExitRecord:
+    """Run a checkpoint once over its dataset's cal or test split -> ExitRecord (limit: first `limit` samples)."""
+    from .__version__ import __version__
+    from .data import load_dataset, prepare, split_train_cal
+    from .files import sha256_file
+    from .training import _sha_indices, load_checkpoint
+
+    if split not in ("cal", "test"):
+        raise EelabError(f"unknown split {split!r}; use cal or test (train is never recorded for evaluation)")
+    checkpoint = Path(checkpoint)
+    model, cfg = load_checkpoint(checkpoint)
+    ds = load_dataset(cfg["dataset"], cfg["train"].get("image_size"), progress=progress)
+    if ds.class_names != cfg["class_names"]:
+        raise EelabError(f"dataset {cfg['dataset']} now has classes {ds.class_names[:3]}..., the checkpoint was "
+                         f"trained on {cfg['class_names'][:3]}...; point eelab at the dataset it was trained on")
+    if split == "cal":
+        _, idx = split_train_cal(ds.train_images.shape[0], cfg["cal_size"], cfg["seed"])
+        if _sha_indices(idx) != cfg["cal_indices_sha256"]:
+            raise EelabError(f"the cal split of {cfg['dataset']} differs from the one {checkpoint} held out "
+                             "(the dataset changed); record with the dataset the checkpoint was trained on")
+        images, labels = ds.train_images[idx], ds.train_labels[idx]
+    else:
+        idx = torch.arange(ds.test_images.shape[0])
+        images, labels = ds.test_images, ds.test_labels
+    if limit is not None:
+        idx, images, labels = idx[:limit], images[:limit], labels[:limit]
+    meta = {"format_version": FORMAT_VERSION, "model": cfg["factory"], "model_config": cfg["model"],
+            "dataset": cfg["dataset"], "split": split, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": sha256_file(checkpoint / "model.pt"), "class_names": cfg["class_names"],
+            "train_config": cfg["train"], "seed": cfg["seed"], "eelab_version": __version__}
+    mean, std = cfg["mean"], cfg["std"]
+    return collect(model, images, labels, idx, lambda x: prepare(x, mean, std),
+                   torch.tensor(cfg["costs"], dtype=torch.float64), cfg["full_cost"], meta,
+                   batch_size=batch_size, progress=progress)

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+
+import eelab.training as training
+from eelab.errors import EelabError
+from eelab.training import load_checkpoint, train
+
+from conftest import tiny_config
+
+
+def _weights(path):
+    return torch.load(path / "model.pt", weights_only=True)
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_layout_and_round_trip(tiny_checkpoint):
+    ck = tiny_checkpoint
+    for f in ("model.pt", "config.json", "history.json", "state.pt"):
+        assert (ck / f).is_file()
+    assert not list(ck.glob("*.tmp"))                       # atomic writes leave no temp files
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["factory"] == "tiny_cnn" and cfg["class_names"] == ["blue", "green", "red"]
+    assert cfg["input_shape"] == [3, 8, 8] and len(cfg["mean"]) == 3 and cfg["seed"] == 0
+    hist = json.loads((ck / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert len(hist[-1]["cal_acc"]) == 2
+    model, _ = load_checkpoint(ck)
+    assert _same(model.state_dict(), _weights(ck))
+    assert not model.training
+
+
+def test_same_seed_same_numbers_and_other_seed_differs(tmp_path, tiny_folder):
+    train(tiny_config(tiny_folder), tmp_path / "a", progress=False)
+    train(tiny_config(tiny_folder), tmp_path / "b", progress=False)
+    train(tiny_config(tiny_folder, seed=1), tmp_path / "c", progress=False)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert not _same(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_folder):
+    cfg = tiny_config(tiny_folder, epochs=3)
+    train(cfg, tmp_path / "full", progress=False)
+
+    def crash_after_first_epoch(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callback=crash_after_first_epoch)
+    assert json.loads((tmp_path / "cut" / "history.json").read_text())[-1]["epoch"] == 1
+    with pytest.raises(EelabError, match="--resume"):
+        train(cfg, tmp_path / "cut", progress=False)          # never overwrite a run silently
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _same(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    h_full = json.loads((tmp_path / "full" / "history.json").read_text())
+    h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["train_loss"] for h in h_full] == [h["train_loss"] for h in h_cut]
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, tiny_folder, monkeypatch):
+    real = training.multi_exit_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] > 3 else loss   # 3 steps = epoch 1 of 18 images / batch 6
+
+    monkeypatch.setattr(training, "multi_exit_loss", poisoned)
+    with pytest.raises(EelabError, match="loss became nan at epoch 2.*epoch 1 .*intact"):
+        train(tiny_config(tiny_folder), tmp_path / "r", progress=False)
+    st = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
+    assert st["epoch"] == 1
+    model, _ = load_checkpoint(tmp_path / "r")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_heads_only_keeps_the_backbone(tmp_path, tiny_folder, tiny_checkpoint):
+    train(tiny_config(tiny_folder, heads_only=True, init=str(tiny_checkpoint), epochs=1), tmp_path / "h",
+          progress=False)
+    before, after = _weights(tiny_checkpoint), _weights(tmp_path / "h")
+    stages = [k for k in before if k.startswith("stages.")]
+    heads = [k for k in before if k.startswith("heads.") and before[k].is_floating_point()]
+    assert stages and all(torch.equal(before[k], after[k]) for k in stages)
+    assert any(not torch.equal(before[k], after[k]) for k in heads)
+    with pytest.raises(EelabError, match="--init"):
+        train(tiny_config(tiny_folder, heads_only=True), tmp_path / "h2", progress=False)
+
+
+def test_distillation_and_half_weights(tmp_path, tiny_folder):
+    train(tiny_config(tiny_folder, distill=0.5, epochs=1, optimizer="adamw", schedule="cosine", lr=None),
+          tmp_path / "d", progress=False, half_weights=True)
+    w = _weights(tmp_path / "d")
+    assert w["stages.0.0.weight"].dtype == torch.float16
+    model, _ = load_checkpoint(tmp_path / "d")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_multi_exit_loss_hand_computed():
+    logits = torch.zeros(2, 2, 3)                   # uniform predictions: CE = log 3 at every exit
+    labels = torch.tensor([0, 1])
+    loss = training.multi_exit_loss(logits, labels, torch.tensor([0.5, 1.0]))
+    assert loss.item() == pytest.approx(1.5 * torch.log(torch.tensor(3.0)).item(), rel=1e-6)
+    # distilling identical uniform exits adds nothing
+    assert training.multi_exit_loss(logits, labels, torch.tensor([0.5, 1.0]), distill=1.0).item() == \
+        pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert training.choose_precision("fp32", cpu) == (None, False)
+    assert training.choose_precision("bf16", cpu) == (torch.bfloat16, True)
+    auto = training.choose_precision("auto", cpu)
+    assert auto == ((torch.bfloat16, True) if training.cpu_has_amx() else (None, False))
+    with pytest.raises(EelabError, match="CUDA"):
+        training.choose_precision("fp16", cpu)
+
+
+def test_bad_options_are_clear(tmp_path, tiny_folder):
+    with pytest.raises(EelabError, match="train-samples"):
+        train(tiny_config(tiny_folder, train_samples=10_000), tmp_path / "x", progress=False)
+    with pytest.raises(EelabError, match="loss-weights needs 2"):
+        train(tiny_config(tiny_folder, loss_weights=(1.0,)), tmp_path / "y", progress=False)
