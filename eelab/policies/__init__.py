@@ -1,0 +1,55 @@
+"""Exit policies: a literal registry of families, and how to make or load one by name or file."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import EelabError
+from ..records import ExitRecord
+from .base import (Param, Policy, exit_values, first_exits, load_policy_file, run_policy, sum_at_exits,
+                   sum_at_shared_threshold)
+from .budget import BudgetPolicy
+from .oracle import OraclePolicy, oracle_exits
+from .patience import PatiencePolicy
+from .risk import RiskPolicy
+from .static import StaticPolicy
+from .threshold import ThresholdPolicy, score_logits
+
+POLICIES: dict[str, type[Policy]] = {
+    "static": StaticPolicy,
+    "threshold": ThresholdPolicy,
+    "patience": PatiencePolicy,
+    "budget": BudgetPolicy,
+    "risk": RiskPolicy,
+    "oracle": OraclePolicy,
+}
+
+
+def make_policy(name_or_file: str | Path, **params: Any) -> Policy:
+    """A policy from a registry name and parameters (strings from the CLI are parsed), or a saved file."""
+    name = str(name_or_file)
+    if name in POLICIES:
+        return POLICIES[name](**params)
+    if Path(name).is_file() or name.endswith(".pt"):
+        if params:
+            raise EelabError(f"parameters ({', '.join(params)}) cannot change the saved policy {name}; "
+                             f"give a policy name instead, or drop the parameters")
+        return load_policy(name)
+    raise EelabError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)} or give a saved policy file")
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read a policy saved with Policy.save (one-line EelabError for a missing, foreign or damaged file)."""
+    return load_policy_file(path, POLICIES)
+
+
+def default_grid(name: str, cal: ExitRecord) -> list[dict[str, Any]]:
+    """Default sweep grid of a registered family on a cal record: a list of parameter dicts."""
+    if name not in POLICIES:
+        raise EelabError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name].grid(cal)
+
+
+__all__ = ["POLICIES", "Param", "Policy", "BudgetPolicy", "OraclePolicy", "PatiencePolicy", "RiskPolicy",
+           "StaticPolicy", "ThresholdPolicy", "default_grid", "exit_values", "first_exits", "load_policy",
+           "make_policy", "oracle_exits", "run_policy", "score_logits", "sum_at_exits", "sum_at_shared_threshold"]
