@@ -286,10 +286,114 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+# ----------------------------------------------------------------------------- predict, bench, profile
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="policy name or saved policy file (default: threshold, max-prob >= 0.9); "
+                                    "a name that must be fitted is fitted on cal.pt in the checkpoint directory")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, repeatable")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify image files with true early exit",
+                       description="Each image runs stage by stage and stops at the exit its policy picks; no "
+                                   "later stage is computed. Images of any size or mode are converted as the "
+                                   "model's config says.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("images", nargs="+", help="image files")
+    _add_policy_options(p)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(a: argparse.Namespace) -> int:
+    from .inference import EarlyExitPredictor
+
+    pred = EarlyExitPredictor.from_checkpoint(a.checkpoint, a.policy, _policy_params(a.param))
+    results = pred.predict_files(a.images)
+    if a.json:
+        _print_json({"checkpoint": a.checkpoint, "policy": pred.policy.describe(),
+                     "predictions": [r.to_dict() for r in results]})
+        return 0
+    for r in results:
+        print(f"{r.source}: {r.class_name} ({r.confidence:.3f}) at exit {r.exit}, {r.macs / 1e6:.1f}M MACs")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="wall clock of early exit against the plain network",
+                       description="Latency per image at batch 1 and throughput at a large batch on the test "
+                                   "split, plain network (last exit only) and early exit in alternating rounds "
+                                   "(median), with the saving MACs predict beside the measured one.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    _add_policy_options(p)
+    p.add_argument("--images", type=int, default=200, help="test images timed at batch 1 (default 200)")
+    p.add_argument("--batch", type=int, default=256, help="batch size for throughput (default 256)")
+    p.add_argument("--batch-images", type=int, default=2048, help="test images timed at --batch (default 2048)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds, median reported (>= 1)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(a: argparse.Namespace) -> int:
+    from .inference import benchmark_inference
+
+    if a.rounds < 1 or a.images < 1 or a.batch < 1 or a.batch_images < 1:
+        raise EelabError("--rounds, --images, --batch and --batch-images must be at least 1")
+    r = benchmark_inference(a.checkpoint, a.policy, _policy_params(a.param), n_latency=a.images,
+                            n_throughput=a.batch_images, batch=a.batch, rounds=a.rounds)
+    if a.json:
+        _print_json(_json_safe(r))
+        return 0
+    b1, bb = r["batch1"], r[f"batch{a.batch}"]
+    print(f"{r['policy']} on {r['checkpoint']} ({r['threads']} threads, median of {r['rounds']} alternating rounds)")
+    print(f"batch 1:   plain {b1['plain_ms_per_image']:.2f} ms/image, early exit {b1['early_ms_per_image']:.2f} "
+          f"ms/image: time saved {b1['time_saving']:+.3f}, MACs predict {b1['mac_saving']:+.3f}")
+    print(f"batch {a.batch}: plain {bb['plain_images_per_s']:.0f} images/s, early exit {bb['early_images_per_s']:.0f} "
+          f"images/s: time saved {bb['time_saving']:+.3f}, MACs predict {bb['mac_saving']:+.3f}")
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="time, MACs and activation size of every stage and head",
+                       description="Per stage and per head: median time, MACs, and the size of the activation "
+                                   "leaving the stage (what an edge/cloud split there would send).")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(a: argparse.Namespace) -> int:
+    from .inference import profile_checkpoint
+
+    if a.batch < 1 or a.rounds < 1:
+        raise EelabError("--batch and --rounds must be at least 1")
+    r = profile_checkpoint(a.checkpoint, batch=a.batch, rounds=a.rounds)
+    if a.json:
+        _print_json(r)
+        return 0
+    print(f"{r['checkpoint']}: batch {r['batch']}, {r['threads']} threads, input {r['input_shape']} "
+          f"({r['input_bytes']} bytes)")
+    print(f"{'exit':>4} {'stage ms':>9} {'head ms':>8} {'to exit ms':>10} {'stage MACs':>11} {'head MACs':>10} "
+          f"{'activation':>16} {'bytes':>9}")
+    for s in r["stages"]:
+        print(f"{s['exit']:>4} {s['stage_ms']:>9.3f} {s['head_ms']:>8.3f} {s['cumulative_ms']:>10.3f} "
+              f"{s['stage_macs'] / 1e6:>10.2f}M {s['head_macs'] / 1e6:>9.3f}M {str(s['activation_shape']):>16} "
+              f"{s['activation_bytes']:>9}")
+    print(f"plain network: {r['plain_ms']:.3f} ms")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 # Literal list of subcommands, in the order `eelab --help` shows them.
-_SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep]
+_SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep, _add_predict, _add_bench,
+                                 _add_profile]
 
 
 def build_parser() -> argparse.ArgumentParser:

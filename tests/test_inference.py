@@ -1,0 +1,112 @@
+import pytest
+import torch
+from PIL import Image
+
+from eelab.data import load_dataset
+from eelab.errors import EelabError
+from eelab.inference import EarlyExitPredictor, benchmark_inference, profile_checkpoint
+from eelab.policies import make_policy, score_logits
+from eelab.records import record_checkpoint
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_checkpoint):
+    import json
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    return load_dataset(cfg["dataset"], progress=False).test_images
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.4, 0.55, 0.7, 1.0])
+def test_live_matches_the_record(tiny_checkpoint, test_images, threshold):
+    rec = record_checkpoint(tiny_checkpoint, "test", progress=False)
+    policy = make_policy("threshold", threshold=threshold)
+    want = policy.decide(rec)
+    got = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, policy).predict(test_images)
+    # exits identical wherever the score is clearly away from the threshold
+    score0 = score_logits(rec.logits[:, 0], "max_prob")
+    clear = (score0 - threshold).abs() > 1e-4
+    assert torch.equal(got["exits"][clear], want[clear])
+    at_exit = rec.logits[torch.arange(rec.n), got["exits"]]
+    torch.testing.assert_close(got["logits"], at_exit, atol=1e-4, rtol=0)
+    assert torch.equal(got["macs"], rec.costs[got["exits"]])
+
+
+def test_batch_equals_one_at_a_time(tiny_checkpoint, test_images):
+    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "threshold", {"threshold": 0.5})
+    batch = pred.predict(test_images)
+    for i in range(test_images.shape[0]):
+        one = pred.predict(test_images[i:i + 1])
+        assert one["exits"].item() == batch["exits"][i].item()
+        torch.testing.assert_close(one["logits"][0], batch["logits"][i], atol=1e-5, rtol=0)
+
+
+def test_later_stages_run_only_for_survivors(tiny_checkpoint, test_images):
+    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "threshold", {"threshold": 0.0})
+    seen = []
+    hook = pred.model.stages[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    out = pred.predict(test_images)
+    assert (out["exits"] == 0).all() and seen == []            # everyone stopped at exit 0: stage 1 never ran
+    pred.policy = make_policy("threshold", threshold=1.0)       # no one stops early
+    pred.predict(test_images[:3])
+    hook.remove()
+    assert seen == [3]
+
+
+def test_predict_files_converts_and_rejects(tiny_checkpoint, tmp_path):
+    Image.new("L", (31, 17), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (5, 5), (255, 0, 0, 10)).save(tmp_path / "red.png")
+    (tmp_path / "junk.jpg").write_bytes(b"\x00" * 50)
+    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint)
+    out = pred.predict_files([tmp_path / "gray.png", tmp_path / "red.png"])
+    assert [p.class_name in ("blue", "green", "red") for p in out] == [True, True]
+    assert all(0 < p.confidence <= 1 and p.exit in (0, 1) and p.macs > 0 for p in out)
+    with pytest.raises(EelabError, match="junk.jpg cannot be decoded"):
+        pred.predict_files([tmp_path / "junk.jpg"])
+
+
+def test_policy_needing_cal_says_how_to_get_it(tiny_checkpoint):
+    with pytest.raises(EelabError, match="cal.pt"):
+        EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "budget")
+
+
+def test_bench_and_profile_report_every_figure(tiny_checkpoint):
+    b = benchmark_inference(tiny_checkpoint, "threshold", {"threshold": 0.5}, n_latency=4, n_throughput=9,
+                            batch=4, rounds=2)
+    assert b["batch1"]["plain_ms_per_image"] > 0 and b["batch1"]["early_ms_per_image"] > 0
+    assert -1 < b["batch1"]["mac_saving"] < 1 and abs(sum(b["exit_fractions"]) - 1) < 1e-9
+    assert b["batch4"]["plain_images_per_s"] > 0
+    p = profile_checkpoint(tiny_checkpoint, rounds=2)
+    assert [s["activation_shape"] for s in p["stages"]] == [[4, 4, 4], [8, 2, 2]]
+    assert p["stages"][0]["activation_bytes"] == 4 * 4 * 4 * 4
+    assert p["stages"][0]["stage_macs"] == 8 * 8 * 27 * 4      # conv3x3 3->4 on 8x8
+    assert p["stages"][1]["cumulative_ms"] > p["stages"][0]["cumulative_ms"]
+
+
+def test_cli_predict_bench_profile(tiny_checkpoint, tmp_path, capsys):
+    import json as _json
+
+    from eelab.cli import main
+    from eelab.policies import make_policy as _make
+
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "b.png")
+    assert main(["predict", str(tiny_checkpoint), str(tmp_path / "b.png"), "--param", "threshold=0.0",
+                 "--json"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["predictions"][0]["exit"] == 0 and out["predictions"][0]["source"].endswith("b.png")
+    assert main(["bench", str(tiny_checkpoint), "--images", "3", "--batch", "4", "--batch-images", "9",
+                 "--rounds", "1", "--json"]) == 0
+    assert "batch4" in _json.loads(capsys.readouterr().out)
+    assert main(["profile", str(tiny_checkpoint), "--rounds", "2", "--json"]) == 0
+    assert len(_json.loads(capsys.readouterr().out)["stages"]) == 2
+    # errors: a file that is no image, a checkpoint that is not eelab's, a policy fitted on another model
+    (tmp_path / "x.jpg").write_text("no")
+    for argv, match in ([["predict", str(tiny_checkpoint), str(tmp_path / "x.jpg")], "cannot be decoded"],
+                        [["predict", str(tmp_path), str(tmp_path / "b.png")], "config.json"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+    pol = _make("threshold", threshold=0.5)
+    pol.info = {"checkpoint_sha256": "f" * 64}
+    pol.save(tmp_path / "p.pt")
+    assert main(["predict", str(tiny_checkpoint), str(tmp_path / "b.png"), "--policy", str(tmp_path / "p.pt")]) == 1
+    assert "refit" in capsys.readouterr().err
