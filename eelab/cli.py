@@ -30,17 +30,24 @@ _TRAIN_OPTIONS = {  # CLI option -> TrainConfig field (None: a ModelConfig field
     "weight_decay": "weight_decay", "schedule": "schedule", "label_smoothing": "label_smoothing",
     "loss_weights": "loss_weights", "distill": "distill", "distill_temperature": "distill_temperature",
     "heads_only": "heads_only", "init": "init", "train_samples": "train_samples", "cal_size": "cal_size",
-    "augment": "augment", "precision": "precision", "seed": "seed", "image_size": "image_size",
+    "augment": "augment", "precision": "precision", "seed": "seed", "image_size": "image_size", "plain": "plain",
 }
-_MODEL_OPTIONS = {"model": "name", "head": "head", "head_hidden": "head_hidden", "dropout": "dropout"}
+_MODEL_OPTIONS = {"model": "name", "head": "head", "head_hidden": "head_hidden", "dropout": "dropout",
+                  "widths": "widths", "exits_after": "exits_after", "exits_schedule": "exits_schedule",
+                  "num_exits": "num_exits"}
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a multi-exit network into a checkpoint directory",
-                       description="Train all exits jointly (or heads only on a frozen backbone); a checkpoint "
-                                   "is written after every epoch, --resume continues an interrupted run.")
-    p.add_argument("--model", help="factory name (default ee_cnn)")
-    p.add_argument("--dataset", help="cifar10-jpeg, cifar10 or folder:PATH (default cifar10-jpeg)")
+                       description="Train all exits jointly (or heads only on a frozen backbone, or the plain "
+                                   "network only); a checkpoint is written after every epoch, --resume continues an "
+                                   "interrupted run. CEED's two steps: --plain --out A, then --heads-only --init A "
+                                   "--loss-weights 1,..,1,0 --out B. Under torchrun it trains with "
+                                   "DistributedDataParallel (--batch-size is the global batch).")
+    p.add_argument("--model", help="factory name: ee_cnn (default), ee_resnet18, tiny_cnn, or a torchvision "
+                                   "classifier (resnet18..152, vgg11..19[_bn], densenet121..201, mobilenet_v2)")
+    p.add_argument("--dataset", help="cifar10-jpeg (default), cifar10, cifar100, svhn, mnist, fashion-mnist, "
+                                     "imagenette or folder:PATH")
     p.add_argument("--epochs", type=int, help="default 30")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--batch-size", type=int)
@@ -53,6 +60,8 @@ def _add_train(sub) -> None:
     p.add_argument("--distill", type=float, help="weight of distilling the last exit into earlier ones")
     p.add_argument("--distill-temperature", type=float)
     p.add_argument("--heads-only", action="store_true", default=None, help="freeze the backbone (needs --init)")
+    p.add_argument("--plain", action="store_true", default=None,
+                   help="train only the plain network (backbone and last exit); the other heads stay untouched")
     p.add_argument("--init", help="checkpoint directory to start from")
     p.add_argument("--train-samples", type=int, help="train on a seeded subset of N images")
     p.add_argument("--cal-size", type=int, help="images held out of train for calibration (default 5000)")
@@ -62,7 +71,22 @@ def _add_train(sub) -> None:
     p.add_argument("--head", choices=["linear", "mlp", "conv"], help="exit head design (default mlp)")
     p.add_argument("--head-hidden", type=int)
     p.add_argument("--dropout", type=float)
-    p.add_argument("--image-size", type=int, help="folder datasets: resize images to this square size")
+
+    def ints(text: str) -> tuple[int, ...]:
+        values = _floats(text)
+        if any(v != int(v) or v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive whole numbers, got {text!r}")
+        return tuple(int(v) for v in values)
+
+    p.add_argument("--widths", type=ints,
+                   help="stage widths of ee_cnn / ee_resnet18 / tiny_cnn, e.g. 64,128,256,512")
+    p.add_argument("--exits-after", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+                   help="torchvision backbones: layers to put an exit after, e.g. layer1,layer2,layer3 (ResNet) or "
+                        "features.5,features.10 (VGG, DenseNet, MobileNetV2); the original classifier is the last")
+    p.add_argument("--exits-schedule", choices=["even", "pareto", "golden", "fine"],
+                   help="torchvision backbones: place exits where cumulative MACs cross this schedule (EENets)")
+    p.add_argument("--num-exits", type=int, help="with --exits-schedule: K, the last exit included (default 4)")
+    p.add_argument("--image-size", type=int, help="resize images to this square size (imagenette default 64)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--half-weights", action="store_true", help="store model.pt in fp16 (evaluation stays fp32)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -85,6 +109,9 @@ def _run_train(a: argparse.Namespace) -> int:
 
     given_train = {f: getattr(a, o) for o, f in _TRAIN_OPTIONS.items() if getattr(a, o) is not None}
     given_model = {f: getattr(a, o) for o, f in _MODEL_OPTIONS.items() if getattr(a, o) is not None}
+    if a.exits_after is not None and (a.exits_schedule is not None or a.num_exits is not None):
+        raise EelabError("--exits-after names the exits itself; drop --exits-schedule/--num-exits, or drop "
+                         "--exits-after to let the schedule place them")
     if a.resume:
         cfg = TrainConfig.from_dict(read_checkpoint_config(a.out)["train"])
         asked = replace(cfg, model=replace(cfg.model, **given_model), **given_train)
@@ -98,6 +125,8 @@ def _run_train(a: argparse.Namespace) -> int:
         base = TrainConfig()
         cfg = replace(base, model=replace(base.model, **given_model), **given_train)
     out = train(cfg, a.out, resume=a.resume, progress=not a.quiet, half_weights=a.half_weights)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 alone reports
     if a.json:
         from .training import read_history
         conf = read_checkpoint_config(out)
@@ -149,7 +178,7 @@ def _add_evaluate(sub) -> None:
                                    "RECORD, and report accuracy, compute saved, exit fractions and more.")
     p.add_argument("record", help="exit record to evaluate on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help="policy name (static, threshold, patience, budget, risk, "
-                                                    "oracle) or a saved policy file")
+                                                    "oracle, alpha, dqn) or a saved policy file")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable, e.g. --param threshold=0.9 --param score=entropy")
     p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
@@ -163,7 +192,8 @@ def _add_sweep(sub) -> None:
                        description="Fit the policy on the cal record at every point of its default grid, score "
                                    "each on RECORD, and report the Pareto front and the area under it.")
     p.add_argument("record", help="exit record to score on (eelab record ... --split test)")
-    p.add_argument("--policy", required=True, help="policy name: static, threshold, patience, budget, risk, oracle")
+    p.add_argument("--policy", required=True, help="policy name: static, threshold, patience, budget, risk, oracle, "
+                                                    "alpha, dqn")
     p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
     p.add_argument("--json", action="store_true", help="print every grid point as JSON on stdout")
     p.set_defaults(run=_run_sweep)
@@ -219,7 +249,7 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         policy.save(a.save_policy)
     out = {"record": str(a.record), "cal": None if cal_path is None else str(cal_path), "policy": policy.name,
            "params": policy.params, "label": policy.describe(), **{f"fitted_{k}": v for k, v in policy.summary().items()},
-           **evaluate(record, exits)}
+           **evaluate(record, exits, overhead=policy.overhead_macs(record.k, record.c))}
     if hasattr(policy, "guarantee") and policy.fitted:
         out["guarantee"] = policy.guarantee()
     if a.json:

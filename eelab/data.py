@@ -1,7 +1,9 @@
 """Datasets by name, the seeded cal split, the decoded-tensor cache, tensor augmentation, offline rules.
 
 Datasets are looked for in $EELAB_DATASETS, then data/, then ../shared/datasets/ (unpacked once into
-data/), then downloaded by torchvision when online. Images live in memory as uint8 [N, ch, H, W].
+data/), then downloaded by torchvision when online. Images live in memory as uint8 [N, ch, H, W]; the
+torchvision datasets (cifar10, cifar100, svhn, mnist, fashion-mnist, imagenette) are read by torchvision's
+own loaders, in their own on-disk formats, and decoded once into the cache.
 """
 from __future__ import annotations
 
@@ -244,18 +246,180 @@ def _load_cifar10(progress: bool) -> Dataset:
     return _cached("cifar10", hashlib.sha256(f"cifar10|{root.resolve()}".encode()).hexdigest(), build, progress)
 
 
-DATASETS = ("cifar10-jpeg", "cifar10", "folder:PATH")
+# ----------------------------------------------------------------------------- torchvision datasets
+
+# name -> (files torchvision reads, below its root; subfolders of a search dir tried as that root, the first one
+# also where a download goes). SVHN keeps its .mat files directly in its root, so eelab gives it a folder of its
+# own; the others bring their own folder (cifar-100-python/, MNIST/raw/, FashionMNIST/raw/).
+_TORCHVISION_LAYOUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "cifar100": (("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"), ("",)),
+    "svhn": (("train_32x32.mat", "test_32x32.mat"), ("svhn", "")),
+    "mnist": (("MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte",
+               "MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"), ("",)),
+    "fashion-mnist": (("FashionMNIST/raw/train-images-idx3-ubyte", "FashionMNIST/raw/train-labels-idx1-ubyte",
+                       "FashionMNIST/raw/t10k-images-idx3-ubyte", "FashionMNIST/raw/t10k-labels-idx1-ubyte"), ("",)),
+}
+# Imagenette variants as torchvision names them, smallest first: the first found on disk is used, and a download
+# fetches the 160 px one (94 MB), plenty for the default 64 x 64 images.
+_IMAGENETTE_VARIANTS = (("160px", "imagenette2-160"), ("320px", "imagenette2-320"), ("full", "imagenette2"))
+IMAGENETTE_SIZE = 64  # default side of imagenette images: shorter side resized to this, then centre-cropped
+
+
+def _torchvision_root(name: str) -> tuple[Path, bool]:
+    """(root to give torchvision, download?) for a torchvision dataset: found on disk, else data/ when online."""
+    files, subs = _TORCHVISION_LAYOUT[name]
+    for d in search_dirs():
+        for sub in subs:
+            if all((d / sub / f).is_file() for f in files):
+                return d / sub, False
+    looked = ", ".join(str(Path(subs[0]) / f) for f in files)
+    if _offline():
+        raise EelabError(f"dataset {name} not found (looked for {looked} in "
+                         f"{', '.join(str(d) for d in search_dirs())}) and EELAB_OFFLINE is set; go online to let "
+                         f"torchvision download it into {data_dir() / subs[0]}, or copy those files there")
+    return data_dir() / subs[0], True
+
+
+def _torchvision_call(name: str, root: Path, download: bool, make):
+    """Run a torchvision dataset constructor, turning its failures into one-line errors."""
+    try:
+        return make()
+    except Exception as e:  # torchvision raises RuntimeError for bad files and many types for network trouble
+        if download:
+            raise EelabError(f"dataset {name} not found in {', '.join(str(d) for d in search_dirs())} and the "
+                             f"torchvision download into {root} failed ({type(e).__name__}); go online, or copy the "
+                             f"dataset's files into {root}") from None
+        raise EelabError(f"dataset {name} in {root} is incomplete or fails torchvision's checksum "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); delete it and let torchvision "
+                         "download it again, or copy a complete copy there") from None
+
+
+def _files_key(name: str, files: list[Path], extra: str = "") -> str:
+    """Cache key of a dataset: its name, options and every file's path, size and mtime (a new file rebuilds it)."""
+    h = hashlib.sha256(f"{name}|{extra}|{CACHE_VERSION}".encode())
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+def _open_torchvision(name: str, root: Path, train: bool, download: bool):
+    """torchvision's own dataset object for one split of cifar100, svhn, mnist or fashion-mnist."""
+    import torchvision.datasets as tvd
+
+    if name == "svhn":
+        split = "train" if train else "test"
+        return _torchvision_call(name, root, download, lambda: tvd.SVHN(str(root), split=split, download=download))
+    cls = {"cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+    return _torchvision_call(name, root, download, lambda: cls(str(root), train=train, download=download))
+
+
+def _load_torchvision_arrays(name: str, progress: bool) -> Dataset:
+    """cifar100, svhn, mnist, fashion-mnist through torchvision's own loaders -> uint8 [N, ch, H, W]."""
+    root, download = _torchvision_root(name)
+    if download:  # fetch first, so the cache is keyed on the files as they will be found from now on
+        for train in (True, False):
+            _open_torchvision(name, root, train, download=True)
+
+    def build() -> Dataset:
+        tr, te = _open_torchvision(name, root, True, False), _open_torchvision(name, root, False, False)
+        if name == "cifar100":
+            to_t = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731  HWC->CHW
+            parts = (to_t(tr.data), torch.tensor(tr.targets), to_t(te.data), torch.tensor(te.targets), list(tr.classes))
+        elif name == "svhn":
+            to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731  already [N, 3, 32, 32]
+            parts = (to_t(tr.data), torch.from_numpy(tr.labels), to_t(te.data), torch.from_numpy(te.labels),
+                     [str(i) for i in range(10)])
+        else:  # grayscale stays one channel: every factory takes in_channels from the dataset
+            parts = (tr.data.unsqueeze(1).contiguous(), tr.targets.clone(), te.data.unsqueeze(1).contiguous(),
+                     te.targets.clone(), list(tr.classes))
+        x_tr, y_tr, x_te, y_te, classes = parts
+        return Dataset(name, x_tr.to(torch.uint8), y_tr.to(torch.int64), x_te.to(torch.uint8), y_te.to(torch.int64),
+                       classes, str(root))
+
+    files = [root / f for f in _TORCHVISION_LAYOUT[name][0]]
+    return _cached(name, _files_key(name, files), build, progress)
+
+
+def _load_imagenette(image_size: int, progress: bool) -> Dataset:
+    """Imagenette (10 ImageNet classes) through torchvision's loader, each image resized and centre-cropped."""
+    import torchvision.datasets as tvd
+    from torchvision import transforms
+
+    found = [(d, v, f) for d in search_dirs() for v, f in _IMAGENETTE_VARIANTS
+             if (d / f / "train").is_dir() and (d / f / "val").is_dir()]
+    if found:
+        root, variant, folder = found[0]
+    else:
+        if _offline():
+            raise EelabError(f"dataset imagenette not found (looked for {', '.join(f for _, f in _IMAGENETTE_VARIANTS)}"
+                             f"/ with train/ and val/ in {', '.join(str(d) for d in search_dirs())}) and EELAB_OFFLINE "
+                             "is set; go online to let torchvision download it into data/, or copy imagenette2-160/ "
+                             "there")
+        root, (variant, folder) = data_dir(), _IMAGENETTE_VARIANTS[0]
+        _torchvision_call("imagenette", root, True, lambda: tvd.Imagenette(str(root), size=variant, download=True))
+    # shorter side to image_size, then the central square: no aspect-ratio distortion
+    tf = transforms.Compose([transforms.Resize(image_size, antialias=True), transforms.CenterCrop(image_size),
+                             transforms.PILToTensor()])
+
+    def decode(split: str):
+        ds = _torchvision_call("imagenette", root / folder, False,
+                               lambda: tvd.Imagenette(str(root), split=split, size=variant, transform=tf))
+        if len(ds) == 0:
+            raise EelabError(f"imagenette {root / folder / split} holds no .JPEG images; copy a complete copy there")
+        images = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
+        labels = torch.empty(len(ds), dtype=torch.int64)
+        for i in tqdm(range(len(ds)), desc=f"decode imagenette {split}", unit="img", disable=not progress):
+            images[i], labels[i] = ds[i]
+        return images, labels, [names[0] for names in ds.classes]
+
+    def build() -> Dataset:
+        tr, trl, classes = decode("train")
+        te, tel, classes_te = decode("val")
+        if classes_te != classes:
+            raise EelabError(f"imagenette {root / folder} has other classes in train/ and val/; use a complete copy")
+        return Dataset("imagenette", tr, trl, te, tel, classes, str(root / folder))
+
+    files = [f for split in ("train", "val") for f in (root / folder / split).rglob("*") if f.is_file()]
+    return _cached(f"imagenette-{image_size}", _files_key("imagenette", files, str(image_size)), build, progress)
+
+
+def _resize_images(ds: Dataset, image_size: int | None) -> Dataset:
+    """The dataset with every image resized to image_size x image_size (bilinear, antialiased); as is when None."""
+    if image_size is None or ds.image_shape[1:] == (image_size, image_size):
+        return ds
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], x.shape[1], image_size, image_size, dtype=torch.uint8)
+        for s in range(0, x.shape[0], 4096):  # in chunks: the float copy of a whole split would be large
+            y = torch.nn.functional.interpolate(x[s:s + 4096].float(), size=(image_size, image_size),
+                                                mode="bilinear", antialias=True, align_corners=False)
+            out[s:s + 4096] = y.round_().clamp_(0, 255).to(torch.uint8)
+        return out
+
+    return Dataset(ds.name, resize(ds.train_images), ds.train_labels, resize(ds.test_images), ds.test_labels,
+                   ds.class_names, ds.source)
+
+
+DATASETS = ("cifar10-jpeg", "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagenette", "folder:PATH")
 
 
 def load_dataset(name: str, image_size: int | None = None, progress: bool = True) -> Dataset:
-    """Load a dataset by name: cifar10-jpeg, cifar10, or folder:PATH (an image folder with train/ and test/).
+    """Load a dataset by name: cifar10-jpeg, cifar10, cifar100, svhn, mnist, fashion-mnist, imagenette, folder:PATH.
 
-    image_size resizes folder images to image_size x image_size (default: the first image's size).
+    image_size resizes every image to image_size x image_size; by default images keep their size (folders: the
+    first image's), except imagenette, which is IMAGENETTE_SIZE (64). mnist and fashion-mnist have 1 channel.
     """
+    if image_size is not None and image_size < 1:
+        raise EelabError(f"image size must be a positive number of pixels, got {image_size}")
     if name == "cifar10-jpeg":
-        return _load_cifar10_jpeg(progress)
+        return _resize_images(_load_cifar10_jpeg(progress), image_size)
     if name == "cifar10":
-        return _load_cifar10(progress)
+        return _resize_images(_load_cifar10(progress), image_size)
+    if name in _TORCHVISION_LAYOUT:
+        return _resize_images(_load_torchvision_arrays(name, progress), image_size)
+    if name == "imagenette":
+        return _load_imagenette(image_size or IMAGENETTE_SIZE, progress)
     if name.startswith("folder:"):
         root = Path(name[len("folder:"):]).expanduser()
         if not root.is_dir():

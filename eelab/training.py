@@ -2,16 +2,21 @@
 
 A CHECKPOINT is a directory: model.pt (weights), config.json (factory and arguments, dataset, class names,
 normalisation, seed), history.json (per-epoch figures), state.pt (optimizer etc. for resume; git-ignored).
+
+Under torchrun (RANK and WORLD_SIZE set) training runs DistributedDataParallel, one process per GPU (nccl) or
+CPU process (gloo): every rank draws the same global batch and augmentation and takes its share of it, so the
+update equals a one-process step on the same global batch, up to batch-norm statistics and summation order.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,7 @@ from .__version__ import __version__
 from .data import augment, channel_stats, load_dataset, prepare, split_train_cal
 from .errors import EelabError
 from .files import load_json, load_torch, save_json, save_torch, sha256_file
-from .models import ModelConfig, MultiExitNet, build_model, measure_costs
+from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
 
 CHECKPOINT_FORMAT = "eelab.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -45,6 +50,7 @@ class TrainConfig:
     distill: float = 0.0                 # weight of distilling the last exit into the earlier ones
     distill_temperature: float = 3.0
     heads_only: bool = False             # train heads on a frozen backbone (needs init)
+    plain: bool = False                  # train only the plain network (backbone + last exit): CEED's first step
     init: str | None = None              # checkpoint directory to start the weights from
     train_samples: int | None = None     # seeded subset of the train split, for quick runs
     cal_size: int = 5000
@@ -200,10 +206,33 @@ def _save_checkpoint(out: Path, model: MultiExitNet, ckpt_cfg: dict, history: li
 
 # ----------------------------------------------------------------------------- the loop
 
-def _train_mode(model: MultiExitNet, heads_only: bool) -> None:
+def _train_mode(model: MultiExitNet, heads_only: bool, frozen_heads: Sequence[int] = ()) -> None:
     model.train()
     if heads_only:
         model.stages.eval()  # frozen backbone: batch-norm statistics stay as trained
+    for k in frozen_heads:
+        model.heads[k].eval()  # a frozen head keeps its batch-norm statistics (and skips dropout) too
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) without them."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise EelabError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them); unset them to "
+                         "train in one process") from None
+    if not 0 <= rank < world:
+        raise EelabError(f"RANK {rank} is outside WORLD_SIZE {world}; start distributed training with torchrun")
+    return rank, world, local
+
+
+def _barrier(world: int, device: torch.device) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
 @torch.no_grad()
@@ -228,13 +257,20 @@ def _evaluate_exits(model, images, labels, mean, std, device, dtype, channels_la
 def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                weights: torch.Tensor, cfg: TrainConfig, mean: list[float], std: list[float],
                gen: torch.Generator, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
-               scaler: torch.amp.GradScaler | None = None) -> float | None:
+               scaler: torch.amp.GradScaler | None = None, shard: tuple[int, int] = (0, 1)) -> float | None:
     """One optimisation step on a uint8 batch [B, ch, H, W]: augment, normalise, autocast forward, fp32 loss.
 
-    Returns the loss, or None (and no update) when it is not finite.
+    shard (rank, world): distributed training; `images` is the whole global batch, augmented here with the same
+    random draws on every rank, of which this rank takes rows [rank B/world, (rank+1) B/world); `model` is the
+    DistributedDataParallel wrapper, which averages gradients. Returns the loss (the mean over ranks), or None
+    (and no update, on every rank) when it is not finite.
     """
     if cfg.augment:
         images = augment(images, gen)
+    rank, world = shard
+    if world > 1:
+        b = images.shape[0] // world
+        images, labels = images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b]
     x = prepare(images.to(device, non_blocking=True), mean, std)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -242,7 +278,13 @@ def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Te
     with _autocast(device, dtype):
         logits = model(x)
     loss = multi_exit_loss(logits, y, weights, cfg.label_smoothing, cfg.distill, cfg.distill_temperature)
-    value = loss.item()
+    if world > 1:  # every rank must agree to step or to skip, or the gradient all-reduce would hang
+        import torch.distributed as dist
+        total = loss.detach().clone()
+        dist.all_reduce(total)  # SUM: gloo has no AVG
+        value = total.item() / world
+    else:
+        value = loss.item()
     if not math.isfinite(value):
         return None
     opt.zero_grad(set_to_none=True)
@@ -269,18 +311,47 @@ def _validate(cfg: TrainConfig, device: torch.device) -> None:
     choose_precision(cfg.precision, device)
     if cfg.batch_size < 2:
         raise EelabError(f"batch size must be at least 2 (batch norm), got {cfg.batch_size}")
+    if cfg.plain and cfg.heads_only:
+        raise EelabError("--plain trains the backbone and --heads-only freezes it; choose one (CEED: --plain first, "
+                         "then --heads-only --init THAT_CHECKPOINT)")
+    if cfg.plain and (cfg.loss_weights is not None or cfg.distill > 0):
+        raise EelabError("--plain trains the last exit alone; drop --loss-weights and --distill")
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
           callback: Callable[[dict], None] | None = None, half_weights: bool = False,
           device: str | torch.device | None = None) -> Path:
-    """Train all exits jointly (or heads only) and write a checkpoint directory after every epoch.
+    """Train all exits jointly (or heads only, or the plain network only) and write a checkpoint after every epoch.
 
     callback(row) is called after each epoch's checkpoint is written (row = that epoch's history entry);
     resume=True continues from out/state.pt with the config stored there. Returns `out`.
+    Under torchrun (RANK, WORLD_SIZE > 1) this is one rank of DistributedDataParallel training: nccl on CUDA
+    (device cuda:LOCAL_RANK), gloo on the CPU; each rank takes its share of every global batch (--batch-size is
+    the global batch), rank 0 alone writes the checkpoint, shows progress and calls callback.
     """
-    out = Path(out)
-    device = torch.device(device) if device is not None else default_device()
+    rank, world, local = _world()
+    if world == 1:
+        return _train(cfg, Path(out), resume, progress, callback, half_weights,
+                      torch.device(device) if device is not None else default_device(), 0, 1)
+    import torch.distributed as dist
+
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, Path(out), resume, progress and rank == 0, callback if rank == 0 else None,
+                      half_weights, dev, rank, world)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, callback, half_weights: bool,
+           device: torch.device, rank: int, world: int) -> Path:
     if resume:
         if not (out / "state.pt").exists():
             raise EelabError(f"nothing to resume in {out} (no state.pt); drop --resume to start a new run")
@@ -294,10 +365,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if cfg.heads_only and not cfg.init:
         raise EelabError("heads-only training needs a trained backbone: pass --init CHECKPOINT")
     _validate(cfg, device)
+    if cfg.batch_size % world:
+        raise EelabError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the {world} "
+                         f"processes; use a multiple of {world}")
 
     if cfg.dataset.startswith("folder:"):  # an absolute path, so records and resumes find the same images
         cfg = replace(cfg, dataset="folder:" + str(Path(cfg.dataset[len("folder:"):]).expanduser().resolve()))
+    if rank != 0:
+        _barrier(world, device)  # rank 0 downloads, unpacks and caches first; the others then read its cache
     ds = load_dataset(cfg.dataset, cfg.image_size, progress=progress)
+    if rank == 0:
+        _barrier(world, device)
     train_idx, cal_idx = split_train_cal(ds.train_images.shape[0], cfg.cal_size, cfg.seed)
     if cfg.train_samples is not None:
         if not 0 < cfg.train_samples <= train_idx.numel():
@@ -309,29 +387,47 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     mean, std = channel_stats(x_train)
 
     mcfg = replace(cfg.model, num_classes=ds.num_classes, in_channels=ds.image_shape[0])
+    if mcfg.name in TORCHVISION_BACKBONES and mcfg.exits_after is None and (mcfg.exits_schedule or mcfg.num_exits):
+        # place the exits by cost on this dataset's images, once: the checkpoint stores the layers chosen
+        mcfg = replace(mcfg, exits_after=plan_exits(mcfg, ds.image_shape))
     cfg = replace(cfg, model=mcfg)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     k = model.num_exits
     if cfg.init:
         init_model, init_cfg = load_checkpoint(cfg.init)
-        if init_cfg["model"] != mcfg.to_dict():
+        if ModelConfig.from_dict(init_cfg["model"]) != mcfg:
             raise EelabError(f"--init checkpoint {cfg.init} is a {init_cfg['factory']} with other arguments than "
                              f"this run's {mcfg.name}; use the same --model and head options")
         model.load_state_dict(init_model.state_dict())
-    costs, full_cost = measure_costs(model, ds.image_shape)
+    try:
+        costs, full_cost = measure_costs(model, ds.image_shape)
+    except RuntimeError as e:  # e.g. VGG's five 2x2 pools on 28x28 MNIST images
+        raise EelabError(f"model {mcfg.name} cannot run on {cfg.dataset} images of shape {list(ds.image_shape)} "
+                         f"({' '.join(str(e).split())[:120]}); pass a larger --image-size (e.g. 32)") from None
     model.to(device)
     dtype, channels_last = choose_precision(cfg.precision, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.plain:
+        per_exit = [0.0] * (k - 1) + [1.0]
+    else:
+        per_exit = list(cfg.loss_weights) if cfg.loss_weights is not None else [1.0] * k
+    if len(per_exit) != k:
+        raise EelabError(f"--loss-weights needs {k} values (one per exit), got {len(per_exit)}")
+    weights = torch.tensor(per_exit, device=device)
+    # a head that no loss reaches is frozen, so weight decay does not drift it either (the last exit is the
+    # distillation teacher and gets no gradient from it)
+    frozen = [i for i in range(k) if per_exit[i] == 0 and not (cfg.distill > 0 and i < k - 1)]
     if cfg.heads_only:
         for p in model.stages.parameters():
             p.requires_grad_(False)
+    for i in frozen:
+        model.heads[i].requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    weights = torch.tensor(cfg.loss_weights if cfg.loss_weights is not None else [1.0] * k, device=device)
-    if weights.numel() != k:
-        raise EelabError(f"--loss-weights needs {k} values (one per exit), got {weights.numel()}")
+    if not params:
+        raise EelabError("nothing to train: the backbone is frozen (--heads-only) and every head has loss weight 0; "
+                         "give some exit a positive --loss-weights value")
     lr = cfg.lr if cfg.lr is not None else {"sgd": 0.1, "adamw": 2e-3}.get(cfg.optimizer, 0.0)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -366,18 +462,25 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         history = load_json(out / "history.json", "training history", "start again without --resume")[:start_epoch]
     if start_epoch >= cfg.epochs:
         return out
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        _train_mode(model, cfg.heads_only)
+        _train_mode(model, cfg.heads_only, frozen)
+        if world > 1:  # dropout draws differ between ranks, and an epoch's draws do not depend on a resume
+            torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + 7_919 * rank)
         perm = torch.randperm(n, generator=gen)
         loss_sum = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not progress, leave=False)
         for step in bar:
             rows = perm[step * bs:(step + 1) * bs]
-            loss = train_step(model, opt, x_train[rows], y_train[rows], weights, cfg, mean, std, gen,
-                              device, dtype, channels_last, scaler)
+            loss = train_step(net, opt, x_train[rows], y_train[rows], weights, cfg, mean, std, gen,
+                              device, dtype, channels_last, scaler, shard=(rank, world))
             if loss is None:
                 done = f"epoch {epoch} in {out} is intact" if epoch > 0 else "no checkpoint was written"
                 raise EelabError(f"loss became nan at epoch {epoch + 1} step {step + 1}; the last good "
@@ -387,22 +490,25 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": sched.get_last_lr()[0],
-               "seconds": seconds, "images_per_s": steps_per_epoch * bs / seconds}
-        if x_cal.shape[0]:
-            row.update(_evaluate_exits(model, x_cal, y_cal, mean, std, device, dtype, channels_last,
-                                       cfg.eval_batch_size))
-        history.append(row)
-        state = {"epoch": epoch + 1, "model": {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()},
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
-        _save_checkpoint(out, model, ckpt_cfg, history, state, half_weights)
-        if progress:
-            accs = " ".join(f"{a:.3f}" for a in row.get("cal_acc", []))
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.3f}  cal acc per exit [{accs}]  "
-                       f"{seconds:.0f}s ({row['images_per_s']:.0f} img/s)")
-        if callback is not None:
-            callback(row)
+        if rank == 0:
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": sched.get_last_lr()[0],
+                   "seconds": seconds, "images_per_s": steps_per_epoch * bs / seconds}
+            if x_cal.shape[0]:
+                row.update(_evaluate_exits(model, x_cal, y_cal, mean, std, device, dtype, channels_last,
+                                           cfg.eval_batch_size))
+            history.append(row)
+            state = {"epoch": epoch + 1,
+                     "model": {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()},
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                     "torch_rng": torch.get_rng_state()}
+            _save_checkpoint(out, model, ckpt_cfg, history, state, half_weights)
+            if progress:
+                accs = " ".join(f"{a:.3f}" for a in row.get("cal_acc", []))
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.3f}  cal acc per exit "
+                           f"[{accs}]  {seconds:.0f}s ({row['images_per_s']:.0f} img/s)")
+            if callback is not None:
+                callback(row)
+        _barrier(world, device)  # every rank returns only once the checkpoint is written
     return out
 
 
