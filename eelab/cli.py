@@ -31,6 +31,7 @@ _TRAIN_OPTIONS = {  # CLI option -> TrainConfig field (None: a ModelConfig field
     "loss_weights": "loss_weights", "distill": "distill", "distill_temperature": "distill_temperature",
     "heads_only": "heads_only", "init": "init", "train_samples": "train_samples", "cal_size": "cal_size",
     "augment": "augment", "precision": "precision", "seed": "seed", "image_size": "image_size", "plain": "plain",
+    "objective": "objective", "cost_weight": "cost_weight",
 }
 _MODEL_OPTIONS = {"model": "name", "head": "head", "head_hidden": "head_hidden", "dropout": "dropout",
                   "widths": "widths", "exits_after": "exits_after", "exits_schedule": "exits_schedule",
@@ -63,6 +64,10 @@ def _add_train(sub) -> None:
     p.add_argument("--plain", action="store_true", default=None,
                    help="train only the plain network (backbone and last exit); the other heads stay untouched")
     p.add_argument("--init", help="checkpoint directory to start from")
+    p.add_argument("--objective", choices=["joint", "eenet"],
+                   help="joint: weighted cross-entropy per exit (default); eenet: EENets confidence branches "
+                        "trained with cost (records then carry confidences; policy `confidence`)")
+    p.add_argument("--cost-weight", type=float, metavar="LAMBDA", help="eenet: weight of the expected cost")
     p.add_argument("--train-samples", type=int, help="train on a seeded subset of N images")
     p.add_argument("--cal-size", type=int, help="images held out of train for calibration (default 5000)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
@@ -146,7 +151,7 @@ def _add_record(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (eelab train --out)")
     p.add_argument("--split", required=True, choices=["cal", "test"])
     p.add_argument("--out", required=True, help="record file to write (e.g. test.pt)")
-    p.add_argument("--limit", type=int, help="only the first N samples of the split")
+    p.add_argument("--limit", type=int, help="only a seeded random subset of N samples of the split (in index order)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")

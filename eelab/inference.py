@@ -16,7 +16,7 @@ import torch
 from .data import load_dataset, load_image, prepare
 from .errors import EelabError
 from .models import MultiExitNet
-from .policies import Policy, make_policy, run_policy
+from .policies import Policy, charged_costs, make_policy, run_policy
 from .records import load_record
 from .training import load_checkpoint
 
@@ -76,9 +76,14 @@ class EarlyExitPredictor:
         self.config = config
         self.policy = policy
         self.device = torch.device(device)
-        self.costs = torch.tensor(config["costs"], dtype=torch.float64)
+        # MACs a sample leaving at exit k spends: the network's, plus the policy's own (a gate, a Q-network)
+        self.costs = charged_costs(torch.tensor(config["costs"], dtype=torch.float64),
+                                   policy.overhead_macs(model.num_exits, len(config["class_names"])))
         self.class_names: list[str] = list(config["class_names"])
         policy.check_exits(model.num_exits)
+        if "confidences" in policy.INPUTS and not model.has_confidence:
+            raise EelabError(f"policy {policy.name} reads learned confidences, and this checkpoint has no confidence "
+                             "branches; train one with `eelab train --objective eenet`")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, policy: str | Path | Policy | None = None,
@@ -100,7 +105,10 @@ class EarlyExitPredictor:
                 keep = torch.isin(live["rows"], rows)
                 live["h"], live["rows"] = live["h"][keep.to(live["h"].device)], live["rows"][keep]
             live["h"] = self.model.forward_stage(k, live["h"])
-            return self.model.forward_head(k, live["h"]).float().cpu()
+            logits = self.model.forward_head(k, live["h"]).float().cpu()
+            if "confidences" in self.policy.INPUTS:  # a learned confidence branch, computed here like a head
+                return logits, {"confidences": self.model.forward_confidence(k, live["h"]).cpu()}
+            return logits
 
         exits, logits = run_policy(self.policy, self.model.num_exits, fetch, x.shape[0], keep_logits=True)
         return {"exits": exits, "logits": logits, "macs": self.costs[exits]}

@@ -3,6 +3,8 @@
 Definitions (DESIGN, Data contract), for exits [N] int64 in [0, K):
   accuracy        mean(argmax(logits[i, exits[i]]) == labels[i])                      fraction
   mean_macs       mean(costs[exits])                                                  MACs / sample
+                  (costs plus the policy's own decision MACs at exits 0..k where it has any:
+                  policies.charged_costs, Policy.overhead_macs)
   rel_macs        mean_macs / full_cost                                               fraction
   compute_saved   1 - rel_macs  (negative when the heads cost more than early exits save)
   effectiveness   100 * accuracy * compute_saved
@@ -19,23 +21,26 @@ import pandas as pd
 import torch
 
 from .errors import EelabError
-from .policies import POLICIES, Policy, default_grid, exit_values, oracle_exits, sum_at_exits
+from .policies import POLICIES, Policy, charged_costs, default_grid, exit_values, oracle_exits, sum_at_exits
 from .records import ExitRecord, check_same_model
 
 SUMMARY = ("accuracy", "mean_macs", "rel_macs", "compute_saved", "effectiveness", "effectiveness_block_index")
 
 
-def evaluate(record: ExitRecord, exits: torch.Tensor, n_bins: int = 15) -> dict[str, Any]:
+def evaluate(record: ExitRecord, exits: torch.Tensor, n_bins: int = 15,
+             overhead: torch.Tensor | None = None) -> dict[str, Any]:
     """Everything about one operating point, JSON-ready (floats, lists; None where undefined).
 
     record with N samples, K exits, C classes; exits int64 [N]. Per-exit lists have K items, per-class
     lists C items; confidence is the max softmax probability (std over all N samples, population);
     ece is the expected calibration error of each exit on all N samples with n_bins equal-width bins.
+    overhead [K]: the deciding policy's MACs per exit (Policy.overhead_macs), charged into mean_macs and
+    exit_macs; policy_macs repeats it (zeros when None).
     """
     exits = _check_exits(record, exits)
     n, k, c = record.n, record.k, record.c
     correct = _correct(record)  # [N, K]
-    head = {key: float(value[0]) for key, value in _summaries(record, exits.unsqueeze(0)).items()}
+    head = {key: float(value[0]) for key, value in _summaries(record, exits.unsqueeze(0), overhead).items()}
     counts = torch.bincount(exits, minlength=k)
     right = correct[torch.arange(n), exits]
     right_by_exit = torch.bincount(exits, weights=right.double(), minlength=k)
@@ -50,7 +55,9 @@ def evaluate(record: ExitRecord, exits: torch.Tensor, n_bins: int = 15) -> dict[
         "full_macs": float(record.full_cost),
         "block_index_saving": float(1 - ((exits + 1).double() / k).mean()),
         "mean_exit": float(exits.double().mean()),
-        "exit_macs": record.costs.double().tolist(),
+        "exit_macs": charged_costs(record.costs, overhead).tolist(),
+        "policy_macs": (torch.zeros(k, dtype=torch.float64) if overhead is None
+                        else torch.as_tensor(overhead, dtype=torch.float64)).tolist(),
         "exit_counts": counts.tolist(),
         "exit_fractions": (counts.double() / n).tolist(),
         "exit_accuracy": correct.double().mean(0).tolist(),
@@ -103,8 +110,11 @@ def sweep(policy: str | Callable[..., Policy], cal: ExitRecord, test: ExitRecord
         sums, extras = factory._points_sums(points, cal, test)
     else:
         fitted = [factory(**point).fit(cal) for point in points]
-        exits = torch.stack([p.decide(test) for p in fitted]) if fitted else torch.empty(0, test.n, dtype=torch.long)
-        sums, extras = sum_at_exits(exit_values(test), exits), [p.summary() for p in fitted]
+        sums = torch.zeros(len(fitted), 3, dtype=torch.float64)
+        for i, p in enumerate(fitted):  # each charged its own decision MACs
+            values = exit_values(test, p.overhead_macs(test.k, test.c))
+            sums[i] = sum_at_exits(values, p.decide(test).unsqueeze(0))[0]
+        extras = [p.summary() for p in fitted]
     table = {key: value.tolist() for key, value in _from_sums(sums, test).items()}
     rows = pd.DataFrame([{**point, **extra} for point, extra in zip(points, extras)], index=range(len(points)))
     return pd.concat([rows, pd.DataFrame(table)], axis=1)
@@ -174,11 +184,13 @@ def area_under_frontier(points: pd.DataFrame, lo: float, hi: float = 1.0, x: str
 
 
 def bootstrap_ci(record: ExitRecord, exits: torch.Tensor, metric: str | Callable[[ExitRecord, torch.Tensor], float]
-                 = "accuracy", n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+                 = "accuracy", n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 overhead: torch.Tensor | None = None) -> dict[str, float]:
     """Percentile bootstrap interval of a metric over test samples (the policy's exits held fixed).
 
     metric: one of accuracy, mean_macs, rel_macs, compute_saved, effectiveness, effectiveness_block_index
     (vectorised), or any f(record, exits) -> float (a loop). Returns value, lo, hi, level, n_boot.
+    overhead [K]: the policy's MACs per exit, charged by the named metrics (see evaluate).
     """
     exits = _check_exits(record, exits)
     if not 0 < level < 1 or n_boot < 1:
@@ -190,12 +202,12 @@ def bootstrap_ci(record: ExitRecord, exits: torch.Tensor, metric: str | Callable
     for start in range(0, n_boot, 256):  # chunks keep the [B, N] index small; same draws for both paths
         idx = torch.randint(record.n, (min(256, n_boot - start), record.n), generator=gen)
         if isinstance(metric, str):
-            values.append(_resampled(record, exits, idx)[metric])
+            values.append(_resampled(record, exits, idx, overhead)[metric])
         else:
             values.append(torch.tensor([float(metric(record.subset(row), exits[row])) for row in idx],
                                        dtype=torch.float64))
     boot = torch.cat(values)
-    value = (_summaries(record, exits.unsqueeze(0))[metric][0] if isinstance(metric, str)
+    value = (_summaries(record, exits.unsqueeze(0), overhead)[metric][0] if isinstance(metric, str)
              else float(metric(record, exits)))
     tail = (1 - level) / 2
     q = torch.quantile(boot, torch.tensor([tail, 1 - tail], dtype=torch.float64))
@@ -221,9 +233,10 @@ def _correct(record: ExitRecord) -> torch.Tensor:
     return record.logits.argmax(dim=-1) == record.labels.unsqueeze(1)
 
 
-def _summaries(record: ExitRecord, exits: torch.Tensor) -> dict[str, torch.Tensor]:
+def _summaries(record: ExitRecord, exits: torch.Tensor,
+               overhead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Headline metrics for T operating points at once: exits [T, N] -> {name: float64 [T]} (module doc)."""
-    return _from_sums(sum_at_exits(exit_values(record), exits), record)
+    return _from_sums(sum_at_exits(exit_values(record, overhead), exits), record)
 
 
 def _from_sums(sums: torch.Tensor, record: ExitRecord) -> dict[str, torch.Tensor]:
@@ -235,9 +248,10 @@ def _from_sums(sums: torch.Tensor, record: ExitRecord) -> dict[str, torch.Tensor
             "effectiveness": 100 * accuracy * (1 - rel), "effectiveness_block_index": 100 * accuracy * (1 - mean_block)}
 
 
-def _resampled(record: ExitRecord, exits: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def _resampled(record: ExitRecord, exits: torch.Tensor, idx: torch.Tensor,
+               overhead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Headline metrics on bootstrap resamples: idx [B, N] rows of the record -> {name: float64 [B]}."""
-    per_sample = exit_values(record)[torch.arange(record.n), exits]  # [N, 3]
+    per_sample = exit_values(record, overhead)[torch.arange(record.n), exits]  # [N, 3]
     return _from_sums(per_sample[idx].sum(dim=1), record)
 
 

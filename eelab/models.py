@@ -19,17 +19,25 @@ class MultiExitNet(nn.Module):
     forward(x [B, ch, H, W]) -> logits [B, K, C]; the plain network is stages 0..K-1 plus heads[K-1].
     """
 
-    def __init__(self, stages: list[nn.Module], heads: list[nn.Module]):
+    def __init__(self, stages: list[nn.Module], heads: list[nn.Module],
+                 confidences: list[nn.Module] | None = None):
         super().__init__()
         if len(stages) != len(heads) or not stages:
             raise ValueError(f"need one head per stage, got {len(stages)} stages and {len(heads)} heads")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
+        # optional EENets-style confidence branches h_k, one per exit (None: a plain multi-exit net)
+        self.confidences = nn.ModuleList(confidences) if confidences else None
 
     @property
     def num_exits(self) -> int:
         """K, the number of exits."""
         return len(self.stages)
+
+    @property
+    def has_confidence(self) -> bool:
+        """Whether each exit has a learned confidence branch."""
+        return self.confidences is not None
 
     def forward_stage(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Backbone stage k: features after stage k-1 (or the input) -> features after stage k."""
@@ -39,14 +47,21 @@ class MultiExitNet(nn.Module):
         """Exit head k: features after stage k -> logits [B, C]."""
         return self.heads[k](h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """All exits: x [B, ch, H, W] -> logits [B, K, C]."""
-        outs = []
+    def forward_confidence(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Confidence branch k: features after stage k -> h_k [B] in (0, 1), fp32."""
+        return torch.sigmoid(self.confidences[k](h).float()).reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """All exits: x [B, ch, H, W] -> logits [B, K, C] (and confidences [B, K] with confidence branches)."""
+        outs, confs = [], []
         h = x
         for k in range(self.num_exits):
             h = self.forward_stage(k, h)
             outs.append(self.forward_head(k, h))
-        return torch.stack(outs, dim=1)
+            if self.has_confidence:
+                confs.append(self.forward_confidence(k, h))
+        logits = torch.stack(outs, dim=1)
+        return (logits, torch.stack(confs, dim=1)) if self.has_confidence else logits
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """The plain network: every stage, only the last head -> logits [B, C]."""
@@ -54,6 +69,34 @@ class MultiExitNet(nn.Module):
         for stage in self.stages:
             h = stage(h)
         return self.heads[-1](h)
+
+
+@torch.no_grad()
+def add_confidence_branches(model: MultiExitNet, in_channels: int) -> MultiExitNet:
+    """Give every exit an EENets confidence branch: average pool + Linear(ch_k, 1) + sigmoid (Demir & Akbas).
+
+    ch_k, the channels after stage k, is read off one small dummy forward pass.
+    """
+    was_training = model.training
+    model.eval()
+    branches, h = [], None
+    for size in (32, 64, 224):  # the smallest input every stage accepts
+        try:
+            h = torch.zeros(1, in_channels, size, size, device=next(model.parameters()).device)
+            chans = []
+            for k in range(model.num_exits):
+                h = model.forward_stage(k, h)
+                chans.append(h.shape[1])
+            break
+        except RuntimeError:
+            chans = []
+    if not chans:
+        raise EelabError("could not run the backbone on a 32, 64 or 224 pixel input to size its confidence branches")
+    for ch in chans:
+        branches.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 1)))
+    model.confidences = nn.ModuleList(branches).to(next(model.parameters()).device)
+    model.train(was_training)
+    return model
 
 
 # ----------------------------------------------------------------------------- costs
@@ -70,7 +113,8 @@ def _count_macs(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
 def measure_costs(model: MultiExitNet, input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
     """Exit costs [K] and full_cost in MACs for one sample of `input_shape` (ch, H, W).
 
-    costs[k] = stages 0..k + heads 0..k, each counted on its real input; full_cost = all stages + last head.
+    costs[k] = stages 0..k + heads 0..k (and confidence branches 0..k), each counted on its real input;
+    full_cost = all stages + last head (the plain network has no confidence branch).
     """
     was_training = model.training
     model.eval()
@@ -80,12 +124,15 @@ def measure_costs(model: MultiExitNet, input_shape: tuple[int, int, int]) -> tup
         m, h = _count_macs(lambda: model.forward_stage(k, h))
         stage_macs.append(m)
         m, _ = _count_macs(lambda: model.forward_head(k, h))
+        if model.has_confidence:
+            m += _count_macs(lambda: model.forward_confidence(k, h))[0]
         head_macs.append(m)
     model.train(was_training)
     stage = torch.tensor(stage_macs, dtype=torch.float64)
     head = torch.tensor(head_macs, dtype=torch.float64)
     costs = stage.cumsum(0) + head.cumsum(0)
-    full = float(stage.sum() + head[-1])
+    last_head, _ = _count_macs(lambda: model.forward_head(model.num_exits - 1, h))
+    full = float(stage.sum() + last_head)
     return costs, full
 
 
@@ -129,6 +176,7 @@ class ModelConfig:
     exits_after: tuple[str, ...] | None = None
     exits_schedule: str | None = None    # even | pareto | golden | fine
     num_exits: int | None = None         # K, the final exit included
+    confidence: bool = False             # EENets confidence branch per exit (--objective eenet)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -549,7 +597,8 @@ def build_model(cfg: ModelConfig) -> MultiExitNet:
         raise EelabError(f"unknown model {cfg.name!r}; choose one of {', '.join(FACTORIES)}")
     if cfg.name not in TORCHVISION_BACKBONES:
         plan_exits(cfg)  # refuse exit options that a factory with built-in exits would silently ignore
-    return FACTORIES[cfg.name](cfg)
+    model = FACTORIES[cfg.name](cfg)
+    return add_confidence_branches(model, cfg.in_channels) if cfg.confidence else model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -152,7 +152,11 @@ def collect(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = None, batch_size: int = 500,
                       progress: bool = True) -> ExitRecord:
-    """Run a checkpoint once over its dataset's cal or test split -> ExitRecord (limit: first `limit` samples)."""
+    """Run a checkpoint once over its dataset's cal or test split -> ExitRecord.
+
+    limit: only a seeded random subset of `limit` samples, in index order (image folders are sorted by class,
+    so the first samples would all be one class); the subset depends only on the checkpoint's seed.
+    """
     from .__version__ import __version__
     from .data import load_dataset, prepare, split_train_cal
     from .files import sha256_file
@@ -175,8 +179,12 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
     else:
         idx = torch.arange(ds.test_images.shape[0])
         images, labels = ds.test_images, ds.test_labels
-    if limit is not None:
-        idx, images, labels = idx[:limit], images[:limit], labels[:limit]
+    if limit is not None and limit < idx.numel():
+        if limit < 1:
+            raise EelabError(f"--limit must be at least 1, got {limit}")
+        pick = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(int(cfg["seed"]) + 7))[:limit]
+        pick = pick.sort().values
+        idx, images, labels = idx[pick], images[pick], labels[pick]
     meta = {"format_version": FORMAT_VERSION, "model": cfg["factory"], "model_config": cfg["model"],
             "dataset": cfg["dataset"], "split": split, "checkpoint": str(checkpoint),
             "checkpoint_sha256": sha256_file(checkpoint / "model.pt"), "class_names": cfg["class_names"],

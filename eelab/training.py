@@ -58,6 +58,8 @@ class TrainConfig:
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
     seed: int = 0
     eval_batch_size: int = 500
+    objective: str = "joint"             # joint (weighted CE per exit) | eenet (confidence branches + cost)
+    cost_weight: float = 0.0             # eenet: lambda, the weight of the expected normalised cost
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -138,6 +140,26 @@ def multi_exit_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.T
                                    reduction="batchmean") for i in range(k - 1)])
         loss = loss + distill * temperature ** 2 * kd.sum()
     return loss
+
+
+def eenet_loss(logits: torch.Tensor, confidences: torch.Tensor, labels: torch.Tensor, costs: torch.Tensor,
+               cost_weight: float) -> torch.Tensor:
+    """EENets objective (Demir & Akbas): NLL of the confidence-weighted cumulative prediction plus lambda x cost.
+
+    logits [B, K, C], confidences h [B, K] in (0, 1), labels [B], costs [K] normalised by the plain network's
+    MACs. Y_{K-1} = p_{K-1}, Y_k = h_k p_k + (1 - h_k) Y_{k+1}; C_{K-1} = c_{K-1}, C_k = h_k c_k + (1 - h_k) C_{k+1};
+    loss = mean NLL(log clamp(Y_0)[y]) + lambda mean C_0. All in fp32 (probabilities, not logits, are mixed).
+    """
+    p = F.softmax(logits.float(), dim=-1)
+    h = confidences.float()
+    costs = costs.to(p.device, torch.float32)
+    k = p.shape[1]
+    y_mix, c_mix = p[:, -1], costs[-1].expand(p.shape[0])
+    for i in range(k - 2, -1, -1):
+        y_mix = h[:, i:i + 1] * p[:, i] + (1 - h[:, i:i + 1]) * y_mix
+        c_mix = h[:, i] * costs[i] + (1 - h[:, i]) * c_mix
+    nll = -torch.log(y_mix.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).mean()
+    return nll + cost_weight * c_mix.mean()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,7 +267,7 @@ def _evaluate_exits(model, images, labels, mean, std, device, dtype, channels_la
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, dtype):
             out = model(x)
-        out = out.float()
+        out = (out[0] if isinstance(out, tuple) else out).float()
         y = labels[s:s + batch_size].to(device)
         hit = (out.argmax(-1) == y[:, None]).sum(0).cpu()
         correct = hit if correct is None else correct + hit
@@ -276,8 +298,13 @@ def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Te
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels.to(device, non_blocking=True)
     with _autocast(device, dtype):
-        logits = model(x)
-    loss = multi_exit_loss(logits, y, weights, cfg.label_smoothing, cfg.distill, cfg.distill_temperature)
+        out = model(x)
+    if cfg.objective == "eenet":
+        logits, conf = out
+        loss = eenet_loss(logits, conf, y, weights, cfg.cost_weight)  # weights hold the normalised costs here
+    else:
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = multi_exit_loss(logits, y, weights, cfg.label_smoothing, cfg.distill, cfg.distill_temperature)
     if world > 1:  # every rank must agree to step or to skip, or the gradient all-reduce would hang
         import torch.distributed as dist
         total = loss.detach().clone()
@@ -309,6 +336,12 @@ def _validate(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.schedule not in ("onecycle", "cosine"):
         raise EelabError(f"unknown schedule {cfg.schedule!r}; use onecycle or cosine")
     choose_precision(cfg.precision, device)
+    if cfg.objective not in ("joint", "eenet"):
+        raise EelabError(f"unknown objective {cfg.objective!r}; use joint or eenet")
+    if cfg.objective == "eenet" and (cfg.plain or cfg.heads_only):
+        raise EelabError("--objective eenet trains exits and confidence branches together; drop --plain/--heads-only")
+    if cfg.cost_weight < 0:
+        raise EelabError(f"--cost-weight must be at least 0, got {cfg.cost_weight}")
     if cfg.batch_size < 2:
         raise EelabError(f"batch size must be at least 2 (batch norm), got {cfg.batch_size}")
     if cfg.plain and cfg.heads_only:
@@ -390,16 +423,22 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, callback, 
     if mcfg.name in TORCHVISION_BACKBONES and mcfg.exits_after is None and (mcfg.exits_schedule or mcfg.num_exits):
         # place the exits by cost on this dataset's images, once: the checkpoint stores the layers chosen
         mcfg = replace(mcfg, exits_after=plan_exits(mcfg, ds.image_shape))
+    if cfg.objective == "eenet":
+        mcfg = replace(mcfg, confidence=True)
     cfg = replace(cfg, model=mcfg)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     k = model.num_exits
     if cfg.init:
         init_model, init_cfg = load_checkpoint(cfg.init)
-        if ModelConfig.from_dict(init_cfg["model"]) != mcfg:
+        if replace(ModelConfig.from_dict(init_cfg["model"]), confidence=False) != replace(mcfg, confidence=False):
             raise EelabError(f"--init checkpoint {cfg.init} is a {init_cfg['factory']} with other arguments than "
                              f"this run's {mcfg.name}; use the same --model and head options")
-        model.load_state_dict(init_model.state_dict())
+        # confidence branches an --objective eenet run adds to a plain checkpoint start fresh
+        missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("confidences.") for key in missing):
+            raise EelabError(f"--init checkpoint {cfg.init} does not fit this run's {mcfg.name} "
+                             f"({(unexpected + missing)[0]}); use the same --model and head options")
     try:
         costs, full_cost = measure_costs(model, ds.image_shape)
     except RuntimeError as e:  # e.g. VGG's five 2x2 pools on 28x28 MNIST images
@@ -416,6 +455,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, callback, 
     if len(per_exit) != k:
         raise EelabError(f"--loss-weights needs {k} values (one per exit), got {len(per_exit)}")
     weights = torch.tensor(per_exit, device=device)
+    if cfg.objective == "eenet":  # the EENets loss weighs exits by their confidence, and needs their costs
+        weights = (costs / full_cost).to(device, torch.float32)
     # a head that no loss reaches is frozen, so weight decay does not drift it either (the last exit is the
     # distillation teacher and gets no gradient from it)
     frozen = [i for i in range(k) if per_exit[i] == 0 and not (cfg.distill > 0 and i < k - 1)]

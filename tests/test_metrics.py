@@ -15,7 +15,7 @@ import torch
 from eelab.errors import EelabError
 from eelab.metrics import (area_under_frontier, bootstrap_ci, evaluate, expected_calibration_error, frontier_range,
                            oracle_frontier, pareto_front, sweep)
-from eelab.policies import POLICIES, make_policy
+from eelab.policies import POLICIES, default_grid, make_policy
 from eelab.records import ExitRecord
 
 # 4 samples x 3 exits x 3 classes given as softmax probabilities; labels 0, 1, 2, 0. Max prob / right:
@@ -42,8 +42,10 @@ def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRe
     labels = torch.randint(c, (n,), generator=gen)
     logits = 1.5 * torch.randn(n, k, c, generator=gen)
     logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
+    confidences = torch.rand(n, k, generator=gen)  # drawn last: the logits above are unchanged
     return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6)
+                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
+                      confidences=confidences)
 
 
 # ---- evaluate by hand --------------------------------------------------------------------------------
@@ -183,7 +185,9 @@ def test_no_policy_point_lies_above_the_oracle_frontier():
     cal, test = random_record(n=400, seed=1), random_record(n=400, seed=2)
     front = oracle_frontier(test)
     for name in POLICIES:
-        for row in sweep(name, cal, test).to_dict("records"):
+        grid = default_grid(name, cal)
+        grid = [dict(point, steps=60) for point in grid] if name == "dqn" else grid  # plumbing, not convergence
+        for row in sweep(name, cal, test, grid).to_dict("records"):
             assert row["accuracy"] <= _bound(front, row["mean_macs"]) + 1e-12, (name, row)
 
 

@@ -43,8 +43,12 @@ def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, ties: boo
     logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
     if ties:
         logits = logits.round()
+    confidences = torch.rand(n, k, generator=gen)  # drawn last, so the logits above stay as they were
+    if ties:
+        confidences = confidences.mul(4).round().div(4)
     return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6)
+                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
+                      confidences=confidences)
 
 
 def slow_decide(policy, record: ExitRecord) -> torch.Tensor:
@@ -56,7 +60,8 @@ def slow_decide(policy, record: ExitRecord) -> torch.Tensor:
             if k == record.k - 1:
                 out.append(k)
                 break
-            stop, state = policy.step(k, record.logits[i:i + 1, k], state)
+            inputs = {name: getattr(record, name)[i:i + 1, k] for name in policy.INPUTS}
+            stop, state = policy.step(k, record.logits[i:i + 1, k], state, **inputs)
             if bool(stop[0]):
                 out.append(k)
                 break
@@ -176,6 +181,9 @@ POINTS = {
     "budget": [{"budget": 0.5}, {"budget": 0.8, "score": "margin"}],
     "risk": [{"epsilon": 0.05}, {"epsilon": 0.1, "mode": "crc"}],
     "oracle": [{}],
+    "alpha": [{"alpha": 0.3, "steps": 60}, {"alpha": 0.6, "hidden": 4, "steps": 60}],
+    "dqn": [{"cost_weight": 0.1, "steps": 40}, {"cost_weight": 0.5, "hidden": 8, "steps": 40}],
+    "confidence": [{}, {"threshold": 0.25}, {"threshold": 0.8}],
 }
 
 
@@ -264,10 +272,16 @@ def test_threshold_sweep_equals_decide_point_by_point(grid):
             assert row[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), (point, key)
 
 
+def _quick(name: str, grid: list[dict]) -> list[dict]:
+    """The default grid, with fewer DQN updates: these tests check plumbing, not convergence."""
+    return [dict(point, steps=60) for point in grid] if name == "dqn" else grid
+
+
 def test_default_grids_run_for_every_policy():
     cal, test = random_record(seed=6), random_record(seed=7)
     for name in POLICIES:
-        table = sweep(name, cal, test)
+        grid = _quick(name, default_grid(name, cal))
+        table = sweep(name, cal, test, grid)
         assert len(table) == len(default_grid(name, cal)) > 0
         assert table["accuracy"].between(0, 1).all()
 

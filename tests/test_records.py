@@ -103,3 +103,12 @@ def test_subset_keeps_rows_together():
     sub = rec.subset(torch.tensor([4, 1]))
     assert sub.indices.tolist() == [8, 2] and torch.equal(sub.logits[0], rec.logits[4])
     assert torch.equal(sub.confidences[1], rec.confidences[1])
+
+
+def test_limit_takes_a_seeded_subset_across_classes(tiny_checkpoint):
+    full = record_checkpoint(tiny_checkpoint, "test", progress=False)
+    part = record_checkpoint(tiny_checkpoint, "test", limit=5, progress=False)
+    again = record_checkpoint(tiny_checkpoint, "test", limit=5, progress=False)
+    assert part.n == 5 and torch.equal(part.indices, again.indices)
+    assert part.indices.tolist() == sorted(part.indices.tolist()) and part.labels.unique().numel() > 1
+    torch.testing.assert_close(part.logits, full.logits[part.indices])

@@ -6,9 +6,13 @@ from typing import Any
 
 from ..errors import EelabError
 from ..records import ExitRecord
-from .base import (Param, Policy, exit_values, first_exits, load_policy_file, run_policy, sum_at_exits,
-                   sum_at_shared_threshold)
+from .alpha import AlphaPolicy, exit_features, fit_alpha_grid
+from .base import (Param, Policy, charged_costs, count_macs, exit_values, first_exits, load_policy_file, run_policy,
+                   sum_at_exits, sum_at_shared_threshold)
 from .budget import BudgetPolicy
+from .confidence import ConfidencePolicy
+from .dqn import DQNConfig, DQNPolicy, train_dqn
+from .exit_env import ExitEnv
 from .oracle import OraclePolicy, oracle_exits
 from .patience import PatiencePolicy
 from .risk import RiskPolicy
@@ -22,6 +26,9 @@ POLICIES: dict[str, type[Policy]] = {
     "budget": BudgetPolicy,
     "risk": RiskPolicy,
     "oracle": OraclePolicy,
+    "alpha": AlphaPolicy,
+    "dqn": DQNPolicy,
+    "confidence": ConfidencePolicy,
 }
 
 
@@ -50,6 +57,8 @@ def default_grid(name: str, cal: ExitRecord) -> list[dict[str, Any]]:
     return POLICIES[name].grid(cal)
 
 
-__all__ = ["POLICIES", "Param", "Policy", "BudgetPolicy", "OraclePolicy", "PatiencePolicy", "RiskPolicy",
-           "StaticPolicy", "ThresholdPolicy", "default_grid", "exit_values", "first_exits", "load_policy",
-           "make_policy", "oracle_exits", "run_policy", "score_logits", "sum_at_exits", "sum_at_shared_threshold"]
+__all__ = ["POLICIES", "Param", "Policy", "AlphaPolicy", "BudgetPolicy", "DQNConfig", "DQNPolicy", "ExitEnv",
+           "OraclePolicy", "PatiencePolicy", "RiskPolicy", "StaticPolicy", "ConfidencePolicy", "ThresholdPolicy", "charged_costs",
+           "count_macs", "default_grid", "exit_features", "exit_values", "first_exits", "fit_alpha_grid",
+           "load_policy", "make_policy", "oracle_exits", "run_policy", "score_logits", "sum_at_exits",
+           "sum_at_shared_threshold", "train_dqn"]

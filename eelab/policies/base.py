@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import EelabError
 from ..files import load_torch, save_torch
@@ -17,7 +18,8 @@ FORMAT_VERSION = 1
 _FIX = "save it again with Policy.save or `eelab evaluate ... --save-policy FILE`"
 
 State = dict[str, torch.Tensor] | None
-Fetch = Callable[[int, torch.Tensor], torch.Tensor]
+# fetch(k, rows) -> logits_k [B, C], or (logits_k, {input: [B]}) for a policy with INPUTS (see Policy)
+Fetch = Callable[[int, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,16 @@ class Policy:
 
     Subclasses set `name`, `PARAMS` and `FITTED` (names of the tensors `_fit` returns) and define `step`
     and, where something is learned, `_fit`. State passed between steps is None or a dict of tensors whose
-    leading dim is B, so the driver can keep only the rows that did not stop.
+    leading dim is B, so the driver can keep only the rows that did not stop. A policy that reads more of
+    an exit's output than its logits names the record fields in INPUTS (e.g. ("confidences",) for learned
+    per-exit confidences [N, K]); step then gets each as a keyword argument of shape [B]. A policy that
+    runs a network to decide (a gate, a Q-network) reports its MACs in `overhead_macs`.
     """
 
     name: ClassVar[str] = "policy"
     PARAMS: ClassVar[dict[str, Param]] = {}
     FITTED: ClassVar[tuple[str, ...]] = ()
+    INPUTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -78,14 +84,26 @@ class Policy:
         """Whether this policy, with its parameters, must be fitted on a cal record before deciding."""
         return bool(self.FITTED)
 
+    def overhead_macs(self, num_exits: int, num_classes: int) -> torch.Tensor:
+        """MACs one sample spends on this policy's decision at each exit: float64 [K], zeros by default.
+
+        Entry k is charged to every sample that reaches exit k; the last entry is 0, since no decision is
+        evaluated where every sample stops. See charged_costs.
+        """
+        return torch.zeros(num_exits, dtype=torch.float64)
+
     # ---- shared behaviour -------------------------------------------------------------------
     def fit(self, cal: ExitRecord) -> "Policy":
         """Fit on a cal record (a no-op where nothing is learned); returns self."""
         self.fitted = {}  # a fit that raises leaves the policy unfitted, not half-fitted
-        self.info = {"k": cal.k, "c": cal.c, "n_cal": cal.n,
-                     "checkpoint_sha256": cal.meta.get("checkpoint_sha256")}
+        self.info = self._cal_info(cal)
         self.fitted = {key: value.detach().clone() for key, value in self._fit(cal).items()}
         return self
+
+    @staticmethod
+    def _cal_info(cal: ExitRecord) -> dict[str, Any]:
+        """What every fit records about its cal record (a family fitting many policies at once reuses it)."""
+        return {"k": cal.k, "c": cal.c, "n_cal": cal.n, "checkpoint_sha256": cal.meta.get("checkpoint_sha256")}
 
     def check_exits(self, num_exits: int) -> None:
         """Raise a one-line EelabError unless this policy can decide over K = num_exits exits."""
@@ -100,9 +118,20 @@ class Policy:
     def decide(self, record: ExitRecord) -> torch.Tensor:
         """Exit chosen for every sample of a record: exits int64 [N] in [0, K).
 
-        The same run_policy loop live inference runs, fed from the record's cached logits.
+        The same run_policy loop live inference runs, fed from the record's cached logits (and the fields
+        named in INPUTS).
         """
-        return run_policy(self, record.k, lambda k, rows: record.logits[rows, k], record.n)
+        if not self.INPUTS:
+            return run_policy(self, record.k, lambda k, rows: record.logits[rows, k], record.n)
+        fields = {}
+        for name in self.INPUTS:
+            value = getattr(record, name, None)
+            if not isinstance(value, torch.Tensor):
+                raise EelabError(f"policy {self.name} reads the record field {name}, which this record lacks; "
+                                 f"record a model that outputs it")
+            fields[name] = value
+        return run_policy(self, record.k, lambda k, rows: (record.logits[rows, k],
+                                                           {key: v[rows, k] for key, v in fields.items()}), record.n)
 
     def describe(self) -> str:
         """A short label: name, the parameters that differ from their defaults, and fitted scalars."""
@@ -130,7 +159,9 @@ class Policy:
         values, sums, extras = exit_values(test), [], []
         for point in points:
             policy = cls(**point).fit(cal)
-            sums.append(sum_at_exits(values, policy.decide(test).unsqueeze(0)))
+            overhead = policy.overhead_macs(test.k, test.c)
+            charged = values if not overhead.any() else exit_values(test, overhead)
+            sums.append(sum_at_exits(charged, policy.decide(test).unsqueeze(0)))
             extras.append(policy.summary())
         return torch.cat(sums) if sums else torch.zeros(0, values.shape[-1], dtype=torch.float64), extras
 
@@ -161,8 +192,8 @@ def run_policy(policy: Policy, num_exits: int, fetch: Fetch, n: int,
     for k in range(num_exits - 1):
         if rows.numel() == 0:
             break
-        logits_k = fetch(k, rows)
-        stop, state = policy.step(k, logits_k, state)
+        logits_k, inputs = _split_fetched(fetch(k, rows))
+        stop, state = policy.step(k, logits_k, state, **inputs)
         stop = _check_stop(policy, stop, rows.numel())
         if keep_logits:
             kept = _keep(kept, rows[stop], logits_k[stop], n)
@@ -170,7 +201,7 @@ def run_policy(policy: Policy, num_exits: int, fetch: Fetch, n: int,
         rows, state = rows[~stop], _shrink(policy, state, ~stop)
     if keep_logits:
         if rows.numel():
-            kept = _keep(kept, rows, fetch(num_exits - 1, rows), n)
+            kept = _keep(kept, rows, _split_fetched(fetch(num_exits - 1, rows))[0], n)
         return exits, kept if kept is not None else torch.empty(0, 0)
     return exits
 
@@ -189,14 +220,36 @@ def first_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return exits
 
 
-def exit_values(record: ExitRecord) -> torch.Tensor:
+def charged_costs(costs: torch.Tensor, overhead: torch.Tensor | None = None) -> torch.Tensor:
+    """MACs charged to a sample leaving at exit k: costs[k] plus the policy's overhead at exits 0..k.
+
+    costs [K] (a record's), overhead [K] (Policy.overhead_macs; None: no overhead) -> float64 [K].
+    """
+    costs = costs.double()
+    if overhead is None:
+        return costs
+    overhead = torch.as_tensor(overhead, dtype=torch.float64)
+    if overhead.shape != costs.shape:
+        raise EelabError(f"policy overhead must have one value per exit [{costs.numel()}], got "
+                         f"{tuple(overhead.shape)}; fix the policy's overhead_macs")
+    return costs + overhead.cumsum(0)
+
+
+def count_macs(fn: Callable[[], Any]) -> float:
+    """MACs of one call of fn(), counted by torch.utils.flop_counter (conv and matmul; MACs = FLOPs / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2
+
+
+def exit_values(record: ExitRecord, overhead: torch.Tensor | None = None) -> torch.Tensor:
     """What each sample contributes at each exit: float64 [N, K, 3] = (prediction right 0/1, MACs, k + 1).
 
     Summed over samples at their exits these give the counts behind accuracy, mean MACs and the
-    block-index saving (metrics module doc).
+    block-index saving (metrics module doc). MACs are charged_costs(record.costs, overhead).
     """
     right = (record.logits.argmax(dim=-1) == record.labels.unsqueeze(1)).double()
-    costs = record.costs.double().expand(record.n, -1)
+    costs = charged_costs(record.costs, overhead).expand(record.n, -1)
     block = torch.arange(1, record.k + 1, dtype=torch.float64).expand(record.n, -1)
     return torch.stack([right, costs, block], dim=-1)
 
@@ -248,6 +301,11 @@ def load_policy_file(path: str | Path, registry: dict[str, type[Policy]]) -> Pol
     policy.fitted = {key: value for key, value in fitted.items() if isinstance(value, torch.Tensor)}
     policy.info = dict(d.get("info") or {})
     return policy
+
+
+def _split_fetched(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What fetch returned as (logits_k [B, C], extra inputs {name: [B]}; empty for a plain tensor)."""
+    return (out[0], dict(out[1])) if isinstance(out, tuple) else (out, {})
 
 
 def _check_stop(policy: Policy, stop: Any, b: int) -> torch.Tensor:
