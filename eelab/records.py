@@ -193,3 +193,16 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
     return collect(model, images, labels, idx, lambda x: prepare(x, mean, std),
                    torch.tensor(cfg["costs"], dtype=torch.float64), cfg["full_cost"], meta,
                    batch_size=batch_size, progress=progress)
+
+
+def summarize_records(cal: ExitRecord, test: ExitRecord) -> dict[str, Any]:
+    """Per-exit accuracy on cal and test, costs and provenance: the summary.json beside reference records."""
+    check_same_model(test, cal, "test record", "cal record")
+
+    def acc(r: ExitRecord) -> list[float]:
+        return (r.logits.argmax(-1) == r.labels[:, None]).double().mean(0).tolist()
+
+    return {"model": test.meta.get("model"), "dataset": test.meta.get("dataset"),
+            "checkpoint_sha256": test.meta.get("checkpoint_sha256"), "n_cal": cal.n, "n_test": test.n,
+            "exit_accuracy_cal": acc(cal), "exit_accuracy_test": acc(test), "costs": test.costs.tolist(),
+            "full_cost": test.full_cost, "rel_costs": (test.costs / test.full_cost).tolist()}
