@@ -1,0 +1,140 @@
+"""Slider latency: from a control's value change to its figure's data updated, in milliseconds, for each
+panel's main control (the Python side: the observer runs synchronously and rewrites the traces inside
+batch_update; sending the new data to the browser is asynchronous and not counted).
+
+Run: python benchmarks/slider_latency.py [--checkpoint DIR | --cal CAL --test TEST] [--repeats 40] [--threads N]
+Without records it times random ones of the reference's shape (cal 5,000, test 10,000, 4 exits, 10 classes).
+Every move is checked: the figure must hold the grid's row for the new value. Prints medians, p95 and max.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from eelab import widgets, workbench
+from eelab.records import ExitRecord, load_record
+
+BUDGET_MS = 100.0
+
+
+def random_record(n: int, seed: int, k: int = 4, c: int = 10) -> ExitRecord:
+    """A record whose later exits are more often right: logits [n, k, c], costs rising to 1.05 of the plain net."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(c, (n,), generator=gen)
+    logits = 2 * torch.randn(n, k, c, generator=gen)
+    logits[torch.arange(n), :, labels] += torch.linspace(0.5, 3.0, k)
+    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
+                      costs=torch.linspace(0.3, 1.05, k, dtype=torch.float64) * 2e8, full_cost=2e8,
+                      meta={"checkpoint_sha256": "0" * 64, "class_names": [f"class {i}" for i in range(c)]})
+
+
+def time_moves(control, values: list, check) -> list[float]:
+    """Set control.value to each value in turn; milliseconds from the assignment to the figure updated."""
+    times = []
+    for value in values:
+        start = time.perf_counter()
+        control.value = value
+        times.append(1e3 * (time.perf_counter() - start))
+        check(value)
+    return times
+
+
+def cycle(options: list, repeats: int, start: object) -> list:
+    """repeats values walking through the options and back, never repeating the current one."""
+    values, i, step = [], options.index(start), 1
+    for _ in range(repeats):
+        if not 0 <= i + step < len(options):
+            step = -step
+        i += step
+        values.append(options[i])
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="checkpoint directory with cal.pt and test.pt")
+    parser.add_argument("--cal")
+    parser.add_argument("--test")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        cal, test = workbench.load_records(args.checkpoint)
+        source = args.checkpoint
+    elif args.cal and args.test:
+        cal, test, source = load_record(args.cal), load_record(args.test), f"{args.cal}, {args.test}"
+    else:
+        cal, test, source = random_record(5000, 0), random_record(10_000, 1), "random records"
+    # a made-up timing profile (ms proportional to MACs) is enough to time the toggle
+    profile = {"stages": [{"cumulative_ms": float(c) / 1e8} for c in test.costs], "plain_ms": test.full_cost / 1e8}
+    latency = workbench.latency_record(test, profile)
+
+    start = time.perf_counter()
+    threshold = workbench.precompute_grid("threshold", cal, test, latency=latency)
+    risk = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
+                                                          "delta": [0.05, 0.1, 0.2]})
+    grids = workbench.precompute_grids(["static", "patience", "budget", "oracle"], cal, test, latency=latency)
+    grids["threshold"] = threshold
+    precompute = time.perf_counter() - start
+
+    rows = []
+    panel = widgets.PolicySliderPanel(threshold, static=grids["static"])
+    slider = panel.sliders["threshold"]["threshold"]
+
+    def check_threshold(value):
+        row = threshold.table.loc[threshold.find(threshold=value)]
+        assert panel.frontier.data[-1].x == (row["rel_macs"],)
+
+    rows.append(("slider panel (02: alpha / threshold)", "threshold",
+                 time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_threshold)))
+
+    classes = widgets.PolicySliderPanel(threshold, classes=True)
+    slider = classes.sliders["threshold"]["threshold"]
+
+    def check_classes(value):
+        point = threshold.points[threshold.find(threshold=value)]
+        assert [list(r) for r in classes.class_figure.data[0].z] == point["per_class_exit_fractions"]
+
+    rows.append(("slider panel + class heatmap (03: lambda)", "threshold",
+                 time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_classes)))
+
+    risk_panel = widgets.RiskControlPanel(risk, static=grids["static"])
+    slider = risk_panel.sliders["risk"]["epsilon"]
+
+    def check_risk(value):
+        i = risk_panel.selected()
+        assert risk.policies[i].params["epsilon"] == value
+        assert risk_panel.risk_figure.data[-1].y == (risk_panel.risk.at[i, "test_risk"],)
+
+    rows.append(("risk control (04)", "epsilon",
+                 time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_risk)))
+
+    compare = widgets.ComparePoliciesPanel(grids)
+
+    def check_cost(value):
+        assert ("latency" in compare.figure.layout.xaxis.title.text) == (value == "rel_ms")
+
+    rows.append(("compare policies (04)", "cost axis toggle",
+                 time_moves(compare.cost, ["rel_ms", "rel_macs"] * (args.repeats // 2), check_cost)))
+
+    print(f"records: {source} (cal {cal.n}, test {test.n}, K={test.k}, C={test.c}); torch threads "
+          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"precomputed once: {len(threshold)} threshold points, {len(risk)} risk points, the other families "
+          f"(with the latency axis) in {precompute:.1f} s\n")
+    print(f"| panel | control | moves | median ms | p95 ms | max ms | under {BUDGET_MS:.0f} ms |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for panel_name, control, times in rows:
+        ordered = sorted(times)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        print(f"| {panel_name} | {control} | {len(times)} | {statistics.median(times):.1f} | {p95:.1f} | "
+              f"{max(times):.1f} | {'yes' if p95 < BUDGET_MS else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

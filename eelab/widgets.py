@@ -1,0 +1,612 @@
+"""Live panels for the notebooks: ipywidgets controls wired to precomputed operating points and plotly figures.
+
+A control's callback only looks a row up in a workbench.PolicyGrid (every point fitted on cal and evaluated
+on test once) and writes it into FigureWidget traces inside `fig.batch_update()`: no policy is fitted and no
+network runs on a move. Each panel builds its figures in their initial state before wiring the controls
+(a view created later shows that state). `paper_figures()` redraws a panel's current state with
+eelab.plots for export; ExportControl writes them.
+"""
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+from matplotlib.figure import Figure
+
+from . import plots
+from .errors import EelabError
+from .metrics import area_under_frontier, frontier_range, oracle_frontier
+from .policies import Policy
+from .workbench import PolicyGrid, class_exits, risk_table
+
+_COLORS = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
+           "#56b4e9")  # seaborn's colorblind palette, as the paper figures use
+_TABLE_STYLE = "border-spacing: 14px 2px; text-align: right"  # readout tables: room between the columns
+_AXIS_TITLE = {"rel_macs": "mean MACs / plain network's MACs",
+               "rel_ms": "mean latency / plain network's latency (measured, batch 1)"}
+
+
+class PolicySliderPanel(widgets.VBox):
+    """Sliders over precomputed policy grids: accuracy, compute saved, the exit distribution and the point on
+    the frontier (with the oracle frontier and the static exits) follow each slider at once.
+
+    grids: one PolicyGrid or several (e.g. alpha and max-prob threshold on one plot), one slider per grid
+    parameter that varies; static: the static-exit grid, drawn as labelled squares; oracle: draw
+    metrics.oracle_frontier of the test record; x: the cost column (rel_macs, or rel_ms with latency);
+    classes: also a per-class exit heatmap of the first grid's selected point; save_to: a folder for a
+    "save policy" button writing each grid's selected (fitted) policy as NAME.pt, the file `eelab predict`
+    and `eelab bench` take with --policy.
+    """
+
+    def __init__(self, grids: PolicyGrid | Sequence[PolicyGrid], static: PolicyGrid | None = None,
+                 oracle: bool = True, x: str = "rel_macs", classes: bool = False, title: str | None = None,
+                 save_to: str | Path | None = None):
+        grids = [grids] if isinstance(grids, PolicyGrid) else list(grids)
+        if not grids:
+            raise EelabError("a slider panel needs at least one policy grid")
+        self.grids: dict[str, PolicyGrid] = {}
+        for grid in grids:
+            self.grids[grid.name if grid.name not in self.grids else f"{grid.name} {len(self.grids)}"] = grid
+        self.static, self.x, self.title = static, x, title
+        first = grids[0]
+        if x not in first.table:
+            raise EelabError(f"the grids have no {x} column; give latency= to precompute_grid for rel_ms")
+        self.oracle = _oracle(first, x) if oracle else None
+        self.sliders: dict[str, dict[str, widgets.SelectionSlider]] = {
+            name: {param: _slider(param, grid.values(param), _initial_value(grid, param)) for param in grid.params}
+            for name, grid in self.grids.items()}
+        self.selection = {name: self._lookup(name) for name in self.grids}
+        # figures in their initial state first, then the wiring
+        self.frontier = self._frontier_figure()
+        self.exit_figure = self._exit_figure()
+        self.class_figure = self._class_figure() if classes else None
+        self.readout = widgets.HTML(self._readout())
+        for name, sliders in self.sliders.items():
+            for slider in sliders.values():
+                slider.observe(lambda change, name=name: self._on_slide(name), names="value")
+        controls = [widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []
+        controls += [widgets.HBox([widgets.Label(name, layout=widgets.Layout(width="90px")), *sliders.values()])
+                     for name, sliders in self.sliders.items() if sliders]
+        self.save_to = None if save_to is None else Path(save_to)
+        if self.save_to is not None:
+            self.save_button = widgets.Button(description="save policy", icon="save",
+                                              tooltip=f"write the selected policies into {self.save_to}/")
+            self.saved = widgets.HTML()
+            self.save_button.on_click(lambda button: self._on_save())
+            controls.append(widgets.HBox([self.save_button, self.saved]))
+        figures = [self.frontier, self.exit_figure] + ([self.class_figure] if self.class_figure is not None else [])
+        super().__init__([*controls, self.readout, widgets.HBox(figures[:2]), *figures[2:]])
+
+    def selected(self, name: str | None = None) -> int:
+        """Row of the grid (default: the first) that the sliders point at."""
+        return self.selection[name or next(iter(self.grids))]
+
+    def selected_policy(self, name: str | None = None) -> Policy:
+        """The fitted Policy the sliders point at (e.g. to save it for `eelab predict`)."""
+        key = name or next(iter(self.grids))
+        return self.grids[key].policies[self.selection[key]]
+
+    def save_policies(self) -> list[Path]:
+        """Write each grid's selected policy to save_to/NAME.pt (Policy.save); returns the files."""
+        if self.save_to is None:
+            raise EelabError("this panel has no save_to folder; give save_to= to save policies")
+        return [self.grids[name].policies[i].save(self.save_to / f"{_file_name(name)}.pt")
+                for name, i in self.selection.items()]
+
+    def _on_save(self) -> None:
+        try:
+            paths = self.save_policies()
+            self.saved.value = "saved " + ", ".join(f"<code>{html.escape(str(p))}</code>" for p in paths) + \
+                " (use with <code>eelab predict CHECKPOINT IMAGE --policy FILE</code>)"
+        except (EelabError, OSError) as e:
+            self.saved.value = f"<span style='color:#b00'>not saved: {html.escape(str(e))}</span>"
+
+    def paper_figures(self) -> dict[str, Figure]:
+        """The panel's current state as matplotlib figures (eelab.plots), for export."""
+        x = self.x
+        selected = {name: dict(grid.table.loc[self.selection[name], [x, "accuracy"]])
+                    for name, grid in self.grids.items()}
+        figures = {
+            "frontier": plots.plot_frontiers({name: grid.table for name, grid in self.grids.items()},
+                                             oracle=self.oracle, static=None if self.static is None else
+                                             self.static.table, selected=selected, x=x),
+            "exit_distribution": plots.plot_exit_distribution(
+                {name: grid.points[self.selection[name]]["exit_fractions"] for name, grid in self.grids.items()}),
+        }
+        if self.class_figure is not None:
+            name, grid = next(iter(self.grids.items()))
+            point = grid.points[self.selection[name]]
+            figures["class_exits"] = plots.plot_class_heatmap(class_exits(point), title=grid.table.at[
+                self.selection[name], "label"])
+        return figures
+
+    def paper_tables(self) -> dict[str, pd.DataFrame]:
+        """The selected operating points, one row per grid (test metrics, cal columns)."""
+        rows = [grid.table.loc[self.selection[name]].rename(name) for name, grid in self.grids.items()]
+        return {"operating_points": pd.DataFrame(rows).rename_axis("grid").reset_index()}
+
+    # ---- wiring ---------------------------------------------------------------------------------
+    def _lookup(self, name: str) -> int:
+        return self.grids[name].find(**{param: s.value for param, s in self.sliders[name].items()})
+
+    def _on_slide(self, name: str) -> None:
+        self.selection[name] = self._lookup(name)
+        self._draw(name)
+
+    def _draw(self, name: str) -> None:
+        """Write grid `name`'s selected row into every figure (cached values only)."""
+        grid, i = self.grids[name], self.selection[name]
+        row, point = grid.table.loc[i], grid.points[i]
+        with self.frontier.batch_update():
+            trace = _trace(self.frontier, f"{name} (selected)")
+            trace.x, trace.y, trace.text = [float(row[self.x])], [float(row["accuracy"])], [row["label"]]
+        with self.exit_figure.batch_update():
+            _trace(self.exit_figure, name).y = list(point["exit_fractions"])
+        if self.class_figure is not None and name == next(iter(self.grids)):
+            with self.class_figure.batch_update():
+                heat = _trace(self.class_figure, name)
+                heat.z = point["per_class_exit_fractions"]
+            self.class_figure.layout.title.text = f"exit fractions by class: {row['label']}"
+        self.readout.value = self._readout()
+
+    # ---- figures in their initial state ---------------------------------------------------------
+    def _frontier_figure(self) -> go.FigureWidget:
+        traces = []
+        if self.oracle is not None:
+            traces.append(go.Scatter(x=self.oracle[self.x].tolist(),
+                                     y=self.oracle["accuracy"].tolist(), name="oracle frontier", mode="lines",
+                                     line={"dash": "dash", "color": "#777777", "shape": "hv"}, hoverinfo="skip"))
+        if self.static is not None:
+            traces.append(_static_trace(self.static, self.x))
+        for j, (name, grid) in enumerate(self.grids.items()):
+            rows = grid.table.sort_values(self.x, kind="stable")
+            color = _COLORS[j % len(_COLORS)]
+            traces.append(go.Scatter(x=rows[self.x].tolist(), y=rows["accuracy"].tolist(), name=name,
+                                     mode="lines+markers", text=rows["label"].tolist(), opacity=0.55,
+                                     line={"color": color}, marker={"size": 4},
+                                     hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
+        for j, (name, grid) in enumerate(self.grids.items()):
+            row = grid.table.loc[self.selection[name]]
+            traces.append(go.Scatter(x=[float(row[self.x])], y=[float(row["accuracy"])], name=f"{name} (selected)",
+                                     mode="markers", text=[row["label"]], showlegend=False,
+                                     marker={"size": 14, "color": _COLORS[j % len(_COLORS)],
+                                             "line": {"width": 1.5, "color": "black"}},
+                                     hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
+        return _figure(traces, x_title=_AXIS_TITLE.get(self.x, self.x), y_title="test accuracy",
+                       meta="eelab:frontier", width=560)
+
+    def _exit_figure(self) -> go.FigureWidget:
+        traces = []
+        for j, (name, grid) in enumerate(self.grids.items()):
+            point = grid.points[self.selection[name]]
+            traces.append(go.Bar(x=list(range(point["k"])), y=list(point["exit_fractions"]), name=name,
+                                 marker={"color": _COLORS[j % len(_COLORS)]}))
+        fig = _figure(traces, x_title="exit", y_title="fraction of test samples", meta="eelab:exits", width=380)
+        fig.update_layout(barmode="group", xaxis={"dtick": 1, "tickformat": "d"}, yaxis={"range": [0, 1]})
+        return fig
+
+    def _class_figure(self) -> go.FigureWidget:
+        name, grid = next(iter(self.grids.items()))
+        point = grid.points[self.selection[name]]
+        heat = go.Heatmap(z=point["per_class_exit_fractions"], x=[f"exit {k}" for k in range(point["k"])],
+                          y=point["class_names"], zmin=0, zmax=1, colorscale="Viridis", name=name,
+                          texttemplate="%{z:.0%}", showscale=False)
+        fig = _figure([heat], x_title="", y_title="", meta="eelab:classes", width=520)
+        fig.update_layout(height=120 + 22 * len(point["class_names"]), yaxis={"tickformat": "", "autorange": "reversed"},
+                          xaxis={"tickformat": ""}, title={"text": f"exit fractions by class: {grid.table.at[self.selection[name], 'label']}"})
+        return fig
+
+    def _readout(self) -> str:
+        rows = []
+        for name, grid in self.grids.items():
+            row = grid.table.loc[self.selection[name]]
+            extra = f"{float(row['rel_ms']):.1%}" if "rel_ms" in row else ""
+            rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(row['label']))}</td>"
+                        f"<td>{row['accuracy']:.2%}</td><td>{row['compute_saved']:+.1%}</td>"
+                        f"<td>{row['mean_macs'] / 1e6:.2f} M</td><td>{row['effectiveness']:.2f}</td>"
+                        f"<td>{row['cal_accuracy']:.2%}</td>" + (f"<td>{extra}</td>" if extra else "") + "</tr>")
+        latency = "<th>latency / plain</th>" if any("rel_ms" in g.table for g in self.grids.values()) else ""
+        return (f"<table class='eelab-readout' style='{_TABLE_STYLE}'><tr><th>grid</th><th>policy</th><th>test accuracy</th>"
+                "<th>compute saved</th><th>mean MACs</th><th>effectiveness</th><th>cal accuracy</th>"
+                f"{latency}</tr>{''.join(rows)}</table>")
+
+
+class RiskControlPanel(PolicySliderPanel):
+    """Epsilon and delta sliders over a precomputed risk-policy grid: the guarantee the fitted lambda carries,
+    its realised risk on test against epsilon, and the operating point on the frontier.
+
+    grid: precompute_grid("risk", cal, test, {"epsilon": [...], "delta": [...]}) (a product grid).
+    """
+
+    def __init__(self, grid: PolicyGrid, static: PolicyGrid | None = None, oracle: bool = True,
+                 x: str = "rel_macs", title: str | None = None):
+        self.risk = risk_table(grid)
+        super().__init__([grid], static=static, oracle=oracle, x=x, title=title)
+        self.guarantee = widgets.HTML(self._guarantee())
+        self.risk_figure = self._risk_figure()
+        self.children = (*self.children[:-1], self.guarantee,
+                         widgets.HBox([self.frontier, self.risk_figure]), self.exit_figure)
+
+    def _draw(self, name: str) -> None:
+        super()._draw(name)
+        i, rows = self.selection[name], self._same_delta()
+        with self.risk_figure.batch_update():
+            line = _trace(self.risk_figure, "test risk")
+            line.x, line.y = rows["epsilon"].tolist(), rows["test_risk"].tolist()
+            line.name = "test risk"
+            current = _trace(self.risk_figure, "selected")
+            current.x, current.y = [float(self.risk.at[i, "epsilon"])], [float(self.risk.at[i, "test_risk"])]
+        self.guarantee.value = self._guarantee()
+
+    def _same_delta(self) -> pd.DataFrame:
+        i = self.selected()
+        same = self.risk[(self.risk["delta"] == self.risk.at[i, "delta"]) & (self.risk["mode"] == self.risk.at[i, "mode"])]
+        return same.sort_values("epsilon", kind="stable")
+
+    def _risk_figure(self) -> go.FigureWidget:
+        i, rows = self.selected(), self._same_delta()
+        top = float(self.risk["epsilon"].max())
+        traces = [go.Scatter(x=[0, top], y=[0, top], mode="lines", name="risk = epsilon",
+                             line={"dash": "dash", "color": "#777777"}, hoverinfo="skip"),
+                  go.Scatter(x=rows["epsilon"].tolist(), y=rows["test_risk"].tolist(), mode="lines+markers",
+                             name="test risk", line={"color": _COLORS[0]}, marker={"size": 5}),
+                  go.Scatter(x=[float(self.risk.at[i, "epsilon"])], y=[float(self.risk.at[i, "test_risk"])],
+                             mode="markers", name="selected", showlegend=False,
+                             marker={"size": 14, "color": _COLORS[0], "line": {"width": 1.5, "color": "black"}})]
+        return _figure(traces, x_title="epsilon (tolerated accuracy loss vs. last exit)",
+                       y_title="realised risk on test", meta="eelab:risk", width=420)
+
+    def _guarantee(self) -> str:
+        row = self.risk.loc[self.selected()]
+        ok = row["test_risk"] <= row["epsilon"]
+        return (f"<b>guarantee</b> (fitted on cal): {html.escape(row['guarantee'])} &nbsp;·&nbsp; cal risk "
+                f"{row['cal_risk']:.2%} &nbsp;·&nbsp; <b>realised test risk {row['test_risk']:.2%}</b> "
+                f"({'within' if ok else 'above'} epsilon = {row['epsilon']:.2%})")
+
+    def paper_figures(self) -> dict[str, Figure]:
+        return {**super().paper_figures(), "risk": plots.plot_risk(self.risk)}
+
+    def paper_tables(self) -> dict[str, pd.DataFrame]:
+        return {**super().paper_tables(), "risk": self.risk}
+
+
+class ComparePoliciesPanel(widgets.VBox):
+    """Every policy's frontier on one accuracy-versus-cost plot with the oracle frontier and the static exits,
+    a toggle switching the cost axis from MACs to measured latency, and the area under each frontier.
+
+    grids {name: PolicyGrid} (a grid named static is drawn as exits, one named oracle as a star); latency
+    is offered when every grid has rel_ms (precompute_grid(..., latency=latency_record(test, profile))).
+    """
+
+    def __init__(self, grids: Mapping[str, PolicyGrid], oracle: bool = True, title: str | None = None):
+        if not grids:
+            raise EelabError("the compare panel needs at least one policy grid")
+        self.grids = dict(grids)
+        first = next(iter(self.grids.values()))
+        units = [("MACs", "rel_macs")]
+        if all(g.latency is not None for g in self.grids.values()):
+            units.append(("measured latency", "rel_ms"))
+        self.cost = widgets.ToggleButtons(options=units, value="rel_macs", description="cost axis")
+        # both axes' fronts, oracle frontiers and areas are computed once, here
+        self.fronts = {x: {name: grid.front(x=x) for name, grid in self.grids.items()} for _, x in units}
+        self.oracles = {x: _oracle(first, x) for _, x in units} if oracle else {}
+        self.areas = pd.DataFrame({x: {name: area_under_frontier(grid.table, *self._range(x), x=x)
+                                       for name, grid in self.grids.items()} for _, x in units})
+        self.figure = self._figure("rel_macs")
+        self.summary = widgets.HTML(self._summary())
+        self.cost.observe(lambda change: self._on_cost(), names="value")
+        head = [widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []
+        super().__init__([*head, self.cost, self.figure, self.summary])
+
+    def paper_figures(self) -> dict[str, Figure]:
+        """Frontiers on the current cost axis (eelab.plots), for export."""
+        x = self.cost.value
+        fronts = {n: f for n, f in self.fronts[x].items() if n not in ("static", "oracle")}
+        static = self.grids["static"].table if "static" in self.grids else None
+        name = "frontiers" if x == "rel_macs" else "frontiers_latency"
+        return {name: plots.plot_frontiers(fronts, oracle=self.oracles.get(x), static=static, x=x)}
+
+    def paper_tables(self) -> dict[str, pd.DataFrame]:
+        """Area under each frontier on each cost axis."""
+        table = self.areas.rename(columns={"rel_macs": "area_macs", "rel_ms": "area_latency"})
+        return {"areas": table.rename_axis("policy").reset_index()}
+
+    def _range(self, x: str) -> tuple[float, float]:
+        first = next(iter(self.grids.values()))
+        return frontier_range(first.latency if x == "rel_ms" else first.test)
+
+    def _on_cost(self) -> None:
+        x = self.cost.value
+        with self.figure.batch_update():
+            for name, data in self._trace_data(x).items():
+                trace = _trace(self.figure, name)
+                trace.x, trace.y = data["x"], data["y"]
+                if "text" in data:
+                    trace.text = data["text"]
+            self.figure.layout.xaxis.title.text = _AXIS_TITLE[x]
+        self.summary.value = self._summary()
+
+    def _trace_data(self, x: str) -> dict[str, dict[str, list]]:
+        """x, y (and text) of every trace on cost axis x, from the cached fronts and tables."""
+        data = {}
+        if x in self.oracles:
+            data["oracle frontier"] = {"x": self.oracles[x][x].tolist(), "y": self.oracles[x]["accuracy"].tolist()}
+        for name, grid in self.grids.items():
+            if name in ("static", "oracle"):
+                data[name] = {"x": grid.table[x].tolist(), "y": grid.table["accuracy"].tolist()}
+                continue
+            front = self.fronts[x][name]
+            data[name] = {"x": front[x].tolist(), "y": front["accuracy"].tolist(), "text": front["label"].tolist()}
+            data[f"{name} (all points)"] = {"x": grid.table[x].tolist(), "y": grid.table["accuracy"].tolist(),
+                                            "text": grid.table["label"].tolist()}
+        return data
+
+    def _figure(self, x: str) -> go.FigureWidget:
+        data, traces = self._trace_data(x), []
+        if "oracle frontier" in data:
+            traces.append(go.Scatter(**data["oracle frontier"], name="oracle frontier", mode="lines",
+                                     line={"dash": "dash", "color": "#777777", "shape": "hv"}, hoverinfo="skip"))
+        for j, name in enumerate(n for n in self.grids if n not in ("static", "oracle")):
+            color = _COLORS[j % len(_COLORS)]
+            traces.append(go.Scatter(**data[f"{name} (all points)"], name=f"{name} (all points)", mode="markers",
+                                     marker={"size": 4, "color": color}, opacity=0.3, showlegend=False,
+                                     hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
+            traces.append(go.Scatter(**data[name], name=name, mode="lines+markers", line={"color": color},
+                                     marker={"size": 5},
+                                     hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
+        if "static" in self.grids:
+            traces.append(_static_trace(self.grids["static"], x, name="static"))
+        if "oracle" in self.grids:
+            traces.append(go.Scatter(**data["oracle"], name="oracle", mode="markers",
+                                     marker={"symbol": "star", "size": 12, "color": "#777777"}))
+        return _figure(traces, x_title=_AXIS_TITLE[x], y_title="test accuracy", meta="eelab:compare", width=760,
+                       height=460)
+
+    def _summary(self) -> str:
+        x = self.cost.value
+        lo, hi = self._range(x)
+        oracle = area_under_frontier(self.oracles[x], lo, hi, x=x) if x in self.oracles else None
+        cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{area:.4f}</td></tr>" for name, area in self.areas[x].items())
+        bound = f"<tr><td>oracle frontier (bound)</td><td>{oracle:.4f}</td></tr>" if oracle is not None else ""
+        return (f"<table class='eelab-readout' style='{_TABLE_STYLE}'><tr><th>policy</th>"
+                f"<th>area under frontier over [{lo:.2f}, {hi:.2f}]"
+                f"</th></tr>{cells}{bound}</table>")
+
+
+class TrainingPanel(widgets.VBox):
+    """Model, dataset and epochs controls and a train button that trains a new run into runs/NAME/ (progress
+    bar; per-exit cal accuracy curves growing each epoch), then writes its cal and test records there.
+
+    checkpoint: the run shown first (its history.json curves); after training, `checkpoint` is the new run.
+    config: the TrainConfig the controls start from (default: the checkpoint's, else TrainConfig()).
+    record_limit: record only the first N samples of each split (smoke runs).
+    """
+
+    def __init__(self, checkpoint: str | Path, runs: str | Path = "runs", config: Any = None,
+                 record_limit: int | None = None):
+        from .data import DATASETS
+        from .models import FACTORIES
+        from .training import TrainConfig, read_checkpoint_config, read_history
+
+        self.checkpoint, self.runs, self.record_limit = Path(checkpoint), Path(runs), record_limit
+        try:
+            saved = read_checkpoint_config(self.checkpoint)
+            history = read_history(self.checkpoint)
+            shown = f"showing {html.escape(str(self.checkpoint))} ({len(history)} epochs)"
+        except EelabError as e:
+            saved, history, shown = None, [], f"no checkpoint to show yet: {html.escape(str(e))}"
+        if config is None:
+            config = TrainConfig.from_dict(saved["train"]) if saved else TrainConfig()
+        self.config = config
+        self.model = widgets.Dropdown(options=sorted(set(FACTORIES) | {config.model.name}), value=config.model.name,
+                                      description="model")
+        self.dataset = widgets.Combobox(options=[d for d in DATASETS if d != "folder:PATH"], value=config.dataset,
+                                        description="dataset", ensure_option=False,
+                                        placeholder="cifar10-jpeg, cifar10, folder:PATH, ...")
+        self.epochs = widgets.IntSlider(value=config.epochs, min=1, max=max(100, config.epochs), description="epochs")
+        self.train_samples = widgets.IntText(value=config.train_samples or 0, description="train images",
+                                             tooltip="0: the whole train split (minus cal)")
+        self.name = widgets.Text(value=self._default_name(), description="run name")
+        self.button = widgets.Button(description="train into runs/NAME", button_style="primary", icon="play")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
+        self.status = widgets.HTML(shown)
+        self.curves = self._curves(history)
+        for control in (self.model, self.dataset, self.epochs):
+            control.observe(lambda change: setattr(self.name, "value", self._default_name()), names="value")
+        self.button.on_click(lambda button: self._on_click())
+        super().__init__([widgets.HBox([self.model, self.dataset]), widgets.HBox([self.epochs, self.train_samples]),
+                          widgets.HBox([self.name, self.button]), self.progress, self.status, self.curves])
+
+    def train(self) -> Path:
+        """Train runs/NAME with the controls' settings, then record its cal and test splits; returns the run."""
+        from .records import record_checkpoint
+        from .training import train
+
+        name = self.name.value.strip()
+        if not name or "/" in name or name.startswith("."):
+            raise EelabError(f"run name {name!r} must be a plain folder name (it goes under {self.runs}/)")
+        out = self.runs / name
+        cfg = self._train_config()
+        self.progress.max, self.progress.value = cfg.epochs + 2, 0
+        self._history: list[dict] = []
+        with self.curves.batch_update():  # keep the traces (a shown figure updates them in place), empty them
+            for trace in self.curves.data:
+                trace.x, trace.y = [], []
+        self.status.value = f"training {html.escape(str(out))} ..."
+        train(cfg, out, progress=False, callback=self._on_epoch)
+        for split in ("cal", "test"):
+            self.status.value = f"recording the {split} split of {html.escape(str(out))} ..."
+            record_checkpoint(out, split, limit=self.record_limit, progress=False).save(out / f"{split}.pt")
+            self.progress.value += 1
+        self.checkpoint = out
+        self.status.value = (f"done: {html.escape(str(out))} with cal.pt and test.pt. Re-run the cells below: "
+                             f"they read this panel's checkpoint, which is now this run.")
+        return out
+
+    def _train_config(self):
+        """The starting TrainConfig with the controls' model, dataset, epochs and train images."""
+        samples = int(self.train_samples.value)
+        return replace(self.config, model=replace(self.config.model, name=self.model.value),
+                       dataset=self.dataset.value.strip(), epochs=int(self.epochs.value),
+                       train_samples=samples if samples > 0 else None, init=None, heads_only=False)
+
+    def _on_click(self) -> None:
+        self.button.disabled = True
+        try:
+            self.train()
+        except EelabError as e:  # a callback's exception would vanish into the log: show it here
+            self.status.value = f"<span style='color:#b00'>not trained: {html.escape(str(e))}</span>"
+        finally:
+            self.button.disabled = False
+
+    def _on_epoch(self, row: dict) -> None:
+        """Training callback: one more point on every exit's curve and one more step of the bar."""
+        self._history.append(row)
+        epochs = [r["epoch"] for r in self._history]
+        accs = [r.get("cal_acc", []) for r in self._history]
+        k = len(accs[-1])
+        with self.curves.batch_update():
+            while len(self.curves.data) < k:
+                j = len(self.curves.data)
+                self.curves.add_scatter(x=[], y=[], mode="lines+markers", name=f"exit {j}",
+                                        line={"color": _COLORS[j % len(_COLORS)]})
+            for j in range(k):
+                self.curves.data[j].x, self.curves.data[j].y = epochs, [a[j] for a in accs]
+        self.progress.value = len(self._history)
+        self.status.value = (f"epoch {row['epoch']}/{self.epochs.value}: loss {row['train_loss']:.3f}, cal accuracy "
+                             + " / ".join(f"{a:.1%}" for a in accs[-1]))
+
+    def _curves(self, history: list[dict]) -> go.FigureWidget:
+        k = max((len(r.get("cal_acc", [])) for r in history), default=0)
+        traces = [go.Scatter(x=[r["epoch"] for r in history], y=[r["cal_acc"][j] for r in history],
+                             mode="lines+markers", name=f"exit {j}", line={"color": _COLORS[j % len(_COLORS)]})
+                  for j in range(k)]
+        fig = _figure(traces, x_title="epoch", y_title="cal accuracy (watched, never selected on)",
+                      meta="eelab:training", width=620)
+        fig.update_layout(xaxis={"tickformat": "d"})
+        return fig
+
+    def _default_name(self) -> str:
+        raw = f"{self.model.value}-{self.dataset.value}-{self.epochs.value}ep"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", raw.replace("folder:", "folder-")).strip("_")
+
+
+class ExportControl(widgets.VBox):
+    """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder.
+
+    sources: panels (their paper_figures() and paper_tables(), drawn at click time, so the export shows the
+    sliders' current state) or dicts {name: matplotlib Figure | DataFrame}; prefix starts every file name.
+    """
+
+    def __init__(self, *sources: Any, folder: str | Path = "figures", prefix: str = ""):
+        self.sources, self.folder, self.prefix = sources, Path(folder), prefix
+        self.button = widgets.Button(description=f"export to {self.folder.name}/", icon="download")
+        self.output = widgets.HTML()
+        self.button.on_click(lambda button: self._on_click())
+        super().__init__([self.button, self.output])
+
+    def export(self) -> list[Path]:
+        """Write every source's figures and tables; returns the files written."""
+        written: list[Path] = []
+        for figures, tables in (_exports(source) for source in self.sources):
+            for name, fig in figures.items():
+                written += plots.export_figure(fig, self.prefix + name, self.folder)
+            for name, table in tables.items():
+                written += plots.export_table(table, self.prefix + name, self.folder)
+        return written
+
+    def _on_click(self) -> None:
+        self.button.disabled = True
+        try:
+            written = self.export()
+            self.output.value = f"wrote {len(written)} files: " + ", ".join(html.escape(p.name) for p in written)
+        except (EelabError, OSError) as e:
+            self.output.value = f"<span style='color:#b00'>export failed: {html.escape(str(e))}</span>"
+        finally:
+            self.button.disabled = False
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _exports(source: Any) -> tuple[dict[str, Figure], dict[str, pd.DataFrame]]:
+    """(figures, tables) of a panel or a dict of figures and tables."""
+    if hasattr(source, "paper_figures"):
+        tables = source.paper_tables() if hasattr(source, "paper_tables") else {}
+        return source.paper_figures(), tables
+    if isinstance(source, Mapping):
+        return ({k: v for k, v in source.items() if isinstance(v, Figure)},
+                {k: v for k, v in source.items() if isinstance(v, pd.DataFrame)})
+    raise EelabError(f"ExportControl cannot export a {type(source).__name__}; give a panel or a dict of figures")
+
+
+def _slider(param: str, values: list[Any], value: Any) -> widgets.SelectionSlider:
+    """A slider over a grid parameter's values, labelled compactly."""
+    return widgets.SelectionSlider(options=[(_label(v), v) for v in values], value=value, description=param,
+                                   continuous_update=True, layout=widgets.Layout(width="460px"),
+                                   style={"description_width": "70px"})
+
+
+def _initial_value(grid: PolicyGrid, param: str) -> Any:
+    """The grid value nearest the family's default for param (else the middle one)."""
+    values = grid.values(param)
+    spec = type(grid.policies[0]).PARAMS.get(param) if grid.policies else None
+    default = getattr(spec, "default", None)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        nums = [v for v in values if isinstance(v, (int, float))]
+        if nums:
+            return min(nums, key=lambda v: (abs(v - default), v))
+    return default if default in values else values[len(values) // 2]
+
+
+def _file_name(name: str) -> str:
+    """A grid name as a plain file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "policy"
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(_label(v) for v in value)
+    return str(value)
+
+
+def _oracle(grid: PolicyGrid, x: str) -> pd.DataFrame:
+    """metrics.oracle_frontier of the grid's test record, priced in ms (columns mean_ms, rel_ms) for x = rel_ms."""
+    if x != "rel_ms":
+        return oracle_frontier(grid.test)
+    return oracle_frontier(grid.latency).rename(columns={"mean_macs": "mean_ms", "rel_macs": "rel_ms"})
+
+
+def _trace(fig: go.FigureWidget, name: str) -> Any:
+    """The trace of a figure with this name."""
+    for trace in fig.data:
+        if trace.name == name:
+            return trace
+    raise KeyError(f"no trace named {name!r}")
+
+
+def _static_trace(grid: PolicyGrid, x: str, name: str = "static exits") -> go.Scatter:
+    return go.Scatter(x=grid.table[x].tolist(), y=grid.table["accuracy"].tolist(), name=name,
+                      mode="markers+text", text=[f"exit {int(e)}" for e in grid.table["exit"]],
+                      textposition="bottom right", marker={"symbol": "square", "size": 8, "color": "black"},
+                      hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>")
+
+
+def _figure(traces: list, x_title: str, y_title: str, meta: str, width: int, height: int = 360) -> go.FigureWidget:
+    """A FigureWidget with eelab's layout; meta names it for the browser test."""
+    fig = go.FigureWidget(data=traces)
+    fig.update_layout(template="plotly_white", width=width, height=height, meta=meta,
+                      margin={"l": 60, "r": 10, "t": 30, "b": 50}, legend={"orientation": "h", "y": -0.25},
+                      xaxis={"title": {"text": x_title}, "tickformat": ".0%"},
+                      yaxis={"title": {"text": y_title}, "tickformat": ".0%"})
+    return fig
+
+
+__all__ = ["ComparePoliciesPanel", "ExportControl", "PolicySliderPanel", "RiskControlPanel", "TrainingPanel"]

@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Train the classifiers
+#
+# A multi-exit network is trained once and every exit of it is recorded once, on the cal and the test
+# split (an *exit record*); everything in notebooks 02-04 is a function of those records. This notebook
+# shows the reference checkpoint: its per-exit accuracy and cost, its training curves, and test images
+# with the exit each took. The **train** button trains a new run into `runs/NAME/` (git-ignored) and
+# records it there.
+#
+# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# checkpoint directory; `EELAB_SMOKE=1` is the quick run the tests use.
+
+# %% tags=["parameters"]
+import os
+
+import eelab
+from eelab import plots, widgets, workbench
+
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples and examples
+RUNS = "../runs"                   # where the train button writes new runs (git-ignored)
+FIGURES = "../figures"             # where the export button writes figures and tables
+LIMIT = 2000 if SMOKE else None    # use the first LIMIT samples of each record (None: all)
+EXAMPLE_POLICY = {"threshold": 0.9}  # the max-prob threshold policy the example images are decided with
+N_EXAMPLES = 8 if SMOKE else 24
+PUBLISHED = workbench.PUBLISHED["early-exit-cnn"]  # their per-exit accuracies, on the original CIFAR-10
+
+# %% [markdown]
+# ## Train (optional)
+#
+# The curves show the checkpoint's per-exit accuracy on cal after each epoch: watched, never used to pick
+# an epoch (the checkpoint is the last one). Choose a model, dataset and epochs and press **train**: the
+# curves grow epoch by epoch, then the cal and test records are written into the run. Training the
+# reference recipe takes hours on a laptop CPU; `train images` trains on a seeded subset for a quick look.
+
+# %%
+trainer = widgets.TrainingPanel(CHECKPOINT, runs=RUNS)
+trainer
+
+# %% [markdown]
+# ## Per-exit accuracy and cost
+#
+# The cells below read `trainer.checkpoint`: the reference, or your run once it has trained (re-run them
+# then). Costs are measured MACs to reach each exit, heads on the way included, relative to the plain
+# network (the same backbone with only its last head). The crosses are the early-exit-cnn project's
+# published per-exit accuracies: theirs, on the original CIFAR-10, not on this JPEG copy.
+
+# %%
+checkpoint = trainer.checkpoint
+cal, test = workbench.load_records(checkpoint, limit=LIMIT)
+exits = workbench.exit_table(cal, test)
+exits
+
+# %%
+profile_figure = plots.plot_exit_profile(exits, published=PUBLISHED["exit_accuracy"],
+                                         published_label="early-exit-cnn (theirs, CIFAR-10)")
+profile_figure
+
+# %% [markdown]
+# ## Training curves
+
+# %%
+training_figure = plots.plot_training(eelab.read_history(checkpoint))
+training_figure
+
+# %% [markdown]
+# ## Test images and the exit each took
+#
+# Decided by a max-prob threshold policy (exit as soon as the top softmax probability reaches it);
+# a red title is a wrong prediction. The images come from the dataset; without it, the cell says how to
+# get it, and every figure above still works from the records.
+
+# %%
+policy = eelab.make_policy("threshold", **EXAMPLE_POLICY).fit(cal)
+examples = workbench.find_examples(test, policy.decide(test), n=N_EXAMPLES)
+examples_figure = plots.plot_examples(examples)
+examples_figure
+
+# %% [markdown]
+# ## Export
+#
+# Writes the figures as PDF and SVG (vector) plus PNG, and the per-exit table as CSV and LaTeX, into
+# `figures/`.
+
+# %%
+widgets.ExportControl({"exit_profile": profile_figure, "training": training_figure, "examples": examples_figure,
+                       "exits": exits}, folder=FIGURES, prefix="01_")

@@ -1,0 +1,147 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Compare the exit policies
+#
+# Every registered policy on one accuracy-versus-cost plot, against the oracle frontier (the best any exit
+# assignment can do: a bound, since it reads the labels) and the static exits. Every policy is fitted on the
+# cal record and scored on the test record; every operating point is computed once below, so the controls
+# redraw at once. Then risk control with its guarantee, per-class behaviour, calibration, and a summary table.
+#
+# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# checkpoint directory (with `cal.pt` and `test.pt`); `EELAB_SMOKE=1` is the quick run the tests use.
+
+# %% tags=["parameters"]
+import os
+
+import eelab
+from eelab import plots, widgets, workbench
+
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, thinner grids
+FIGURES = "../figures"                 # where the export button writes figures and tables
+LIMIT = 2000 if SMOKE else None        # use the first LIMIT samples of each record (None: all)
+GRID_POINTS = 12 if SMOKE else None    # thin each policy's default grid to this many points (None: all)
+LEARNED = ["alpha", "dqn"]             # families fitted by training a small network (minutes): cached in FITTED
+COMPARE = [name for name in eelab.POLICIES if not (SMOKE and name in LEARNED)]  # every registered family
+FITTED = None if SMOKE else "../runs/fitted"  # fitted policies are saved here and reused (git-ignored)
+RISK_EPSILONS = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]  # tolerated accuracy loss vs. last exit
+RISK_DELTAS = [0.05, 0.1, 0.2]         # allowed probability (over cal draws) that the risk exceeds epsilon
+PROFILE_ROUNDS = 3 if SMOKE else 20    # timing rounds per stage for the latency axis (median)
+TOLERANCE = 0.01                       # matched accuracy: the last exit's cal accuracy minus this
+BUDGET = 0.5                           # matched compute: at most this share of the plain network's MACs, on cal
+PATTERN_POLICY = "threshold"           # whose per-class exit pattern is shown
+N_BINS = 15                            # reliability-diagram bins
+SEED_CHECKPOINTS = []                  # the same recipe trained with other seeds: mean and spread in the summary
+
+# %% [markdown]
+# ## Records and timings
+#
+# The exit records hold every exit's logits for every cal and test sample; nothing below runs the network
+# except `profile_checkpoint`, which times each stage and head at batch 1 for the latency axis.
+
+# %%
+cal, test = workbench.load_records(CHECKPOINT, limit=LIMIT)
+profile = eelab.profile_checkpoint(CHECKPOINT, rounds=PROFILE_ROUNDS)
+latency = workbench.latency_record(test, profile)
+workbench.exit_table(cal, test)
+
+# %% [markdown]
+# ## Every policy's frontier
+#
+# The one slow cell: each grid point is fitted on cal and evaluated on test once. Fitted policies are saved in
+# `FITTED` and found again next time (notebooks 02 and 03 fill the same folder), so the learned families train
+# only on the first run.
+
+# %%
+grids = workbench.precompute_grids(COMPARE, cal, test, latency=latency, max_points=GRID_POINTS, cache=FITTED)
+
+# %% [markdown]
+# Lines are each policy's Pareto front on test, faint dots every grid point. The toggle prices the same exits
+# in measured milliseconds instead of MACs: where they disagree, MACs are not the whole story.
+
+# %%
+compare = widgets.ComparePoliciesPanel(grids, title="accuracy against cost, fitted on cal, reported on test")
+compare
+
+# %% [markdown]
+# ## Risk control
+#
+# The risk policy picks the cheapest max-prob threshold lambda for which, on cal, the accuracy lost against
+# the last exit stays below epsilon with probability at least 1 - delta (Learn-then-Test). The slider shows
+# the guarantee the fitted lambda carries and the risk it actually has on test.
+
+# %%
+risk_grid = workbench.precompute_grid("risk", cal, test, {"epsilon": RISK_EPSILONS, "delta": RISK_DELTAS})
+risk = widgets.RiskControlPanel(risk_grid, static=grids.get("static"), title="risk control (Learn-then-Test)")
+risk
+
+# %% [markdown]
+# ## Per class, at matched accuracy
+#
+# Each policy at its cheapest grid point whose cal accuracy is within `TOLERANCE` of the last exit's;
+# reported on test.
+
+# %%
+target = workbench.target_accuracy(cal, TOLERANCE)
+matched = workbench.operating_points(grids, accuracy=target)
+matched
+
+# %%
+points = workbench.matched_points(grids, accuracy=target)
+class_figure = plots.plot_class_heatmap(workbench.class_table(points), title="per-class test accuracy")
+class_figure
+
+# %%
+pattern_figure = plots.plot_class_heatmap(workbench.class_exits(points[PATTERN_POLICY]),
+                                          title=f"where each class exits: {PATTERN_POLICY}")
+pattern_figure
+
+# %% [markdown]
+# ## Confidence and calibration per exit
+
+# %%
+confidence_figure = plots.plot_confidence(workbench.exit_confidences(test))
+confidence_figure
+
+# %%
+reliability_figure = plots.plot_reliability(workbench.reliability_bins(test, N_BINS))
+reliability_figure
+
+# %% [markdown]
+# ## Summary
+#
+# Per policy: area under its test frontier (mean accuracy over the cost range from exit 0 to the plain
+# network), test accuracy at matched compute (`BUDGET`), and test compute saved at matched accuracy
+# (`TOLERANCE`); mean and sample standard deviation over the checkpoints in `SEED_CHECKPOINTS` too.
+
+# %%
+seed_runs = [workbench.precompute_grids(COMPARE, *workbench.load_records(path, limit=LIMIT), max_points=GRID_POINTS,
+                                        cache=FITTED) for path in SEED_CHECKPOINTS]
+summary = workbench.summarize_policies([grids, *seed_runs], tolerance=TOLERANCE, budget=BUDGET)
+summary
+
+# %% [markdown]
+# ## Export
+#
+# Writes the panels' current state and the figures above as PDF, SVG and PNG, and the tables as CSV and
+# LaTeX, into `figures/`.
+
+# %%
+widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
+                                      "confidence": confidence_figure, "reliability": reliability_figure,
+                                      "operating_points": matched, "summary": summary},
+                      folder=FIGURES, prefix="04_")

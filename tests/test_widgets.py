@@ -1,0 +1,187 @@
+"""Widget callbacks in plain pytest: set a control's value, and the figures hold what eelab.metrics computes
+for that value; a move fits nothing and decides nothing; training grows the curves epoch by epoch; export
+writes files."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+from matplotlib.figure import Figure
+
+from eelab import widgets, workbench
+from eelab.metrics import evaluate, oracle_frontier, pareto_front
+from eelab.policies import Policy, RiskPolicy, make_policy
+from eelab.records import ExitRecord
+
+
+def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(c, (n,), generator=gen)
+    logits = 1.5 * torch.randn(n, k, c, generator=gen)
+    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
+    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
+                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
+                      meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return random_record(seed=1), random_record(seed=2)
+
+
+@pytest.fixture(scope="module")
+def latency(pair):
+    profile = {"stages": [{"cumulative_ms": ms} for ms in (0.2, 0.7, 0.9, 1.6)], "plain_ms": 1.5}
+    return workbench.latency_record(pair[1], profile)
+
+
+@pytest.fixture(scope="module")
+def grids(pair, latency):
+    cal, test = pair
+    return {name: workbench.precompute_grid(name, cal, test, latency=latency, max_points=15)
+            for name in ("static", "threshold", "patience", "budget", "risk", "oracle")}
+
+
+def trace(fig, name):
+    return next(t for t in fig.data if t.name == name)
+
+
+def no_fitting_or_deciding(monkeypatch):
+    """From here on, fitting or deciding any policy fails the test: a slider only reads caches."""
+    monkeypatch.setattr(Policy, "fit", lambda *a, **k: pytest.fail("a slider move fitted a policy"))
+    monkeypatch.setattr(Policy, "decide", lambda *a, **k: pytest.fail("a slider move ran a policy"))
+
+
+def test_threshold_slider_shows_what_metrics_compute(pair, grids, monkeypatch):
+    cal, test = pair
+    panel = widgets.PolicySliderPanel(grids["threshold"], static=grids["static"], classes=True)
+    slider = panel.sliders["threshold"]["threshold"]
+    expected = {}
+    for value in (slider.options[2][1], slider.options[9][1], slider.options[-1][1]):  # the metrics, computed apart
+        expected[value] = evaluate(test, make_policy("threshold", threshold=value).fit(cal).decide(test))
+    no_fitting_or_deciding(monkeypatch)
+    for value, m in expected.items():
+        slider.value = value
+        point = trace(panel.frontier, "threshold (selected)")
+        assert point.x == pytest.approx([m["rel_macs"]]) and point.y == pytest.approx([m["accuracy"]])
+        assert list(trace(panel.exit_figure, "threshold").y) == pytest.approx(m["exit_fractions"])
+        assert [list(row) for row in trace(panel.class_figure, "threshold").z] == m["per_class_exit_fractions"]
+        assert f"{m['accuracy']:.2%}" in panel.readout.value and f"{m['compute_saved']:+.1%}" in panel.readout.value
+    oracle = oracle_frontier(test)
+    assert list(trace(panel.frontier, "oracle frontier").y) == oracle["accuracy"].tolist()
+    assert list(trace(panel.frontier, "static exits").x) == grids["static"].table["rel_macs"].tolist()
+
+
+def test_two_grids_on_one_plot_move_independently(grids):
+    panel = widgets.PolicySliderPanel([grids["threshold"], grids["patience"]])
+    before = trace(panel.frontier, "threshold (selected)").x
+    panel.sliders["patience"]["patience"].value = 1
+    assert trace(panel.frontier, "threshold (selected)").x == before
+    row = grids["patience"].table.loc[grids["patience"].find(patience=1)]
+    assert trace(panel.frontier, "patience (selected)").x == (row["rel_macs"],)
+    assert panel.selected_policy("patience").params["patience"] == 1
+
+
+def test_save_button_writes_the_selected_policy_for_eelab_predict(grids, pair, tmp_path):
+    from eelab.policies import load_policy
+
+    panel = widgets.PolicySliderPanel([grids["threshold"], grids["budget"]], save_to=tmp_path / "policies")
+    value = grids["budget"].values("budget")[4]
+    panel.sliders["budget"]["budget"].value = value
+    panel.save_button.click()
+    saved = load_policy(tmp_path / "policies" / "budget.pt")
+    assert saved.params["budget"] == value and "saved" in panel.saved.value
+    test = pair[1]
+    assert torch.equal(saved.decide(test), grids["budget"].exits[grids["budget"].find(budget=value)])
+    assert (tmp_path / "policies" / "threshold.pt").is_file()
+
+
+def test_initial_state_is_the_family_default_and_latency_axis_works(grids):
+    panel = widgets.PolicySliderPanel(grids["threshold"], x="rel_ms")
+    assert panel.sliders["threshold"]["threshold"].value == min(grids["threshold"].values("threshold"),
+                                                                key=lambda v: abs(v - 0.9))
+    row = grids["threshold"].table.loc[panel.selected()]
+    assert trace(panel.frontier, "threshold (selected)").x == (row["rel_ms"],)
+
+
+def test_risk_sliders_show_the_guarantee_and_the_realised_test_risk(pair, monkeypatch):
+    cal, test = pair
+    grid = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.05, 0.1, 0.2], "delta": [0.05, 0.2]})
+    panel = widgets.RiskControlPanel(grid)
+    fresh = RiskPolicy(epsilon=0.1, delta=0.2).fit(cal)  # computed apart, before the sliders move
+    m = evaluate(test, fresh.decide(test))
+    correct = test.logits.argmax(-1) == test.labels.unsqueeze(1)
+    exits = fresh.decide(test)
+    risk = float((correct[:, -1] & ~correct[torch.arange(test.n), exits]).double().mean())
+    no_fitting_or_deciding(monkeypatch)
+    panel.sliders["risk"]["epsilon"].value = 0.1
+    panel.sliders["risk"]["delta"].value = 0.2
+    assert trace(panel.frontier, "risk (selected)").y == pytest.approx([m["accuracy"]])
+    assert trace(panel.risk_figure, "selected").y == pytest.approx([risk])
+    assert list(trace(panel.risk_figure, "test risk").x) == [0.02, 0.05, 0.1, 0.2]  # this delta's line
+    assert fresh.guarantee().replace(">", "&gt;").replace("<", "&lt;") in panel.guarantee.value
+    assert f"{risk:.2%}" in panel.guarantee.value
+
+
+def test_cost_toggle_switches_every_trace_to_measured_latency(grids, latency, monkeypatch):
+    panel = widgets.ComparePoliciesPanel(grids)
+    macs = trace(panel.figure, "threshold").x
+    assert list(macs) == pareto_front(grids["threshold"].table)["rel_macs"].tolist()
+    no_fitting_or_deciding(monkeypatch)
+    panel.cost.value = "rel_ms"
+    front = pareto_front(grids["threshold"].table, x="rel_ms")
+    assert list(trace(panel.figure, "threshold").x) == front["rel_ms"].tolist()
+    assert list(trace(panel.figure, "oracle frontier").x) == oracle_frontier(latency)["rel_macs"].tolist()  # in ms
+    exits = grids["budget"].exits[3]
+    assert trace(panel.figure, "budget (all points)").x[3] == pytest.approx(evaluate(latency, exits)["rel_macs"])
+    assert "latency" in panel.figure.layout.xaxis.title.text
+    panel.cost.value = "rel_macs"
+    assert trace(panel.figure, "threshold").x == macs
+
+
+def test_paper_figures_follow_the_panel_state(grids):
+    panel = widgets.PolicySliderPanel(grids["budget"], static=grids["static"])
+    panel.sliders["budget"]["budget"].value = grids["budget"].values("budget")[2]
+    figures = panel.paper_figures()
+    assert set(figures) == {"frontier", "exit_distribution"} and all(isinstance(f, Figure) for f in figures.values())
+    table = panel.paper_tables()["operating_points"]
+    assert table.loc[0, "budget"] == grids["budget"].values("budget")[2]
+    compare = widgets.ComparePoliciesPanel(grids)
+    assert set(compare.paper_figures()) == {"frontiers"} and "area_latency" in compare.paper_tables()["areas"]
+
+
+def test_export_button_writes_figures_and_tables(grids, tmp_path):
+    panel = widgets.PolicySliderPanel(grids["threshold"])
+    control = widgets.ExportControl(panel, {"table": grids["static"].table}, folder=tmp_path / "figures", prefix="t_")
+    control.button.click()
+    names = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert "t_frontier.pdf" in names and "t_exit_distribution.svg" in names and "t_table.tex" in names
+    assert "t_operating_points.csv" in names and "wrote 10 files" in control.output.value
+
+
+def test_training_panel_grows_curves_each_epoch_then_records(tiny_folder, tiny_checkpoint, tmp_path):
+    panel = widgets.TrainingPanel(tiny_checkpoint, runs=tmp_path / "runs", config=tiny_config(tiny_folder))
+    assert len(panel.curves.data) == 2 and len(panel.curves.data[0].x) == 2  # the checkpoint's history first
+    panel.epochs.value = 3
+    panel.name.value = "mine"
+    seen = []
+    panel.progress.observe(lambda change: seen.append([len(t.x) for t in panel.curves.data]), names="value")
+    panel.button.click()
+    out = tmp_path / "runs" / "mine"
+    assert panel.checkpoint == out and "done" in panel.status.value
+    assert all((out / name).is_file() for name in ("model.pt", "history.json", "cal.pt", "test.pt"))
+    assert seen[:3] == [[1, 1], [2, 2], [3, 3]]  # one more point on each exit's curve per epoch
+    assert panel.progress.value == panel.progress.max == 5
+    from eelab.training import read_history
+    history = read_history(out)
+    assert list(panel.curves.data[1].y) == [row["cal_acc"][1] for row in history]
+    panel.button.click()  # the same name again: refused in the status line, not raised into the void
+    assert "already holds a training run" in panel.status.value and not panel.button.disabled
+
+
+def test_training_panel_without_a_checkpoint_starts_empty(tmp_path):
+    panel = widgets.TrainingPanel(tmp_path / "nothing", runs=tmp_path / "runs")
+    assert panel.curves.data == () and "no checkpoint to show yet" in panel.status.value
+    panel.name.value = "../escape"
+    panel.button.click()
+    assert "plain folder name" in panel.status.value

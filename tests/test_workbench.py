@@ -1,0 +1,256 @@
+"""workbench: precomputed grids equal metrics.sweep and per-point evaluate; hand-computed matched points,
+latency pricing, risk, reliability bins; the fit cache; examples with and without the dataset."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from eelab import workbench
+from eelab.errors import EelabError
+from eelab.metrics import evaluate, expected_calibration_error, sweep
+from eelab.policies import POLICIES, Policy, RiskPolicy, ThresholdPolicy, make_policy
+from eelab.records import ExitRecord
+
+# 4 samples x 3 exits x 3 classes as softmax probabilities, labels 0, 1, 2, 0 (as in test_metrics).
+# right at exit 0 / 1 / 2:  s0 T T T   s1 F T T   s2 F F T   s3 T F F   -> exit accuracy 0.5, 0.5, 0.75
+TINY_P = [
+    [[0.95, 0.03, 0.02], [0.90, 0.05, 0.05], [0.99, 0.005, 0.005]],
+    [[0.5005, 0.2995, 0.2], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05]],
+    [[0.41, 0.35, 0.24], [0.6005, 0.2995, 0.1], [0.3, 0.2, 0.5]],
+    [[0.7, 0.2, 0.1], [0.35, 0.45, 0.2], [0.2, 0.1, 0.7]],
+]
+
+
+def tiny_record() -> ExitRecord:
+    """Costs 1, 2, 4 MACs, plain network 3.5."""
+    return ExitRecord(logits=torch.tensor(TINY_P).log(), labels=torch.tensor([0, 1, 2, 0]), indices=torch.arange(4),
+                      costs=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), full_cost=3.5,
+                      meta={"class_names": ["a", "b", "c"], "checkpoint_sha256": "ab" * 32})
+
+
+def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(c, (n,), generator=gen)
+    logits = 1.5 * torch.randn(n, k, c, generator=gen)
+    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
+    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
+                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
+                      meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[ExitRecord, ExitRecord]:
+    return random_record(seed=1), random_record(seed=2)
+
+
+# ---- grids equal the metrics -----------------------------------------------------------------------
+@pytest.mark.parametrize("name,grid", [("threshold", {"threshold": [0.0, 0.3, 0.5, 0.7, 0.9, 1.0]}),
+                                       ("risk", {"epsilon": [0.02, 0.1, 0.3], "delta": [0.05, 0.2]}),
+                                       ("budget", None), ("static", None), ("patience", None), ("oracle", None)])
+def test_grid_rows_equal_sweep_and_evaluate(pair, name, grid):
+    cal, test = pair
+    g = workbench.precompute_grid(name, cal, test, grid)
+    table = sweep(name, cal, test, grid)
+    assert len(g) == len(table) == len(g.points) == g.exits.shape[0]
+    for col in ("accuracy", "mean_macs", "rel_macs", "compute_saved", "effectiveness", "effectiveness_block_index"):
+        assert g.table[col].tolist() == pytest.approx(table[col].tolist(), rel=1e-12, abs=1e-12), col
+    for i, point in enumerate(g.table[g.table.attrs["params"]].to_dict("records")):
+        policy = make_policy(name, **point).fit(cal)  # the slow obvious path, point by point
+        exits = policy.decide(test)
+        assert torch.equal(g.exits[i], exits)
+        assert g.points[i] == evaluate(test, exits)
+        assert g.table.at[i, "cal_accuracy"] == evaluate(cal, policy.decide(cal))["accuracy"]
+
+
+def test_grid_params_values_and_find(pair):
+    g = workbench.precompute_grid("risk", *pair, {"epsilon": [0.1, 0.02], "delta": [0.2, 0.05]})
+    assert g.params == ["epsilon", "delta"]
+    assert g.values("epsilon") == [0.02, 0.1] and g.values("delta") == [0.05, 0.2]
+    i = g.find(epsilon=0.02, delta=0.2)
+    assert g.policies[i].params["epsilon"] == 0.02 and g.policies[i].params["delta"] == 0.2
+    assert g.find(epsilon=0.021, delta=0.2) == i  # off the grid: the nearest value
+    assert workbench.precompute_grid("oracle", *pair).params == []
+
+
+def test_grid_of_given_fitted_policies_is_not_refitted(pair, monkeypatch):
+    cal, test = pair
+    fitted = [RiskPolicy(epsilon=e).fit(cal) for e in (0.05, 0.2)]
+    monkeypatch.setattr(Policy, "fit", lambda self, cal: pytest.fail("a fitted policy was refitted"))
+    g = workbench.precompute_grid(fitted, cal, test, [{"agent": 1}, {"agent": 2}])
+    assert g.name == "risk" and g.params == ["agent"] and g.policies == fitted
+    assert torch.equal(g.exits[1], fitted[1].decide(test))
+
+
+def test_max_points_thins_evenly_and_keeps_both_ends(pair):
+    g = workbench.precompute_grid("threshold", *pair, {"threshold": [i / 10 for i in range(11)]}, max_points=4)
+    assert g.values("threshold") == [0.0, 0.3, 0.7, 1.0]
+
+
+def test_fit_cache_saves_fitted_points_and_finds_them_again(pair, tmp_path, monkeypatch):
+    cal, test = pair
+    first = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
+    assert len(list(tmp_path.glob("risk-*.pt"))) == 2
+    workbench.precompute_grid("threshold", cal, test, {"threshold": [0.5]}, cache=tmp_path)
+    assert not list(tmp_path.glob("threshold-*"))  # nothing learned, nothing cached
+    monkeypatch.setattr(RiskPolicy, "_fit", lambda self, cal: pytest.fail("a cached point was fitted again"))
+    again = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
+    pd.testing.assert_frame_equal(first.table, again.table)
+    other_cal = cal.subset(slice(0, 200))  # another cal split: another key, fitted afresh
+    monkeypatch.undo()
+    workbench.precompute_grid("risk", other_cal, test, {"epsilon": [0.05]}, cache=tmp_path)
+    assert len(list(tmp_path.glob("risk-*.pt"))) == 3
+
+
+def test_batched_fit_grid_hook_is_used(pair):
+    calls = []
+
+    class Batched(ThresholdPolicy):
+        @classmethod
+        def fit_grid(cls, points, cal):
+            calls.append(len(points))
+            return [cls(**point).fit(cal) for point in points]
+
+    workbench.precompute_grid(Batched, *pair, {"threshold": [0.2, 0.8]})
+    assert calls == [2]
+
+
+# ---- hand-computed answers on the tiny record ---------------------------------------------------------
+def test_matched_points_by_hand():
+    rec = tiny_record()
+    g = workbench.precompute_grid("static", rec, rec)  # exits 0, 1, 2: accuracy 0.5, 0.5, 0.75; MACs 1, 2, 4
+    assert g.table["cal_accuracy"].tolist() == [0.5, 0.5, 0.75]
+    assert workbench.matched_point(g, accuracy=0.5) == 0      # cheapest reaching it
+    assert workbench.matched_point(g, accuracy=0.6) == 2
+    assert workbench.matched_point(g, accuracy=0.8) is None
+    assert workbench.matched_point(g, budget=0.6) == 0        # 2/3.5 = 0.571 fits too; equal accuracy, cheaper wins
+    assert workbench.matched_point(g, budget=4 / 3.5) == 2
+    assert workbench.matched_point(g, budget=0.2) is None
+    assert workbench.target_accuracy(rec, 0.01) == pytest.approx(0.74)
+    with pytest.raises(EelabError):
+        workbench.matched_point(g)
+    table = workbench.operating_points({"static": g}, accuracy=0.6)
+    assert table.loc[0, "label"] == "static(exit=2)" and table.loc[0, "accuracy"] == 0.75
+    assert math.isnan(workbench.operating_points({"static": g}, accuracy=0.9).loc[0, "accuracy"])
+    assert list(workbench.matched_points({"static": g}, accuracy=0.9)) == []
+
+
+def test_latency_record_prices_exits_in_ms():
+    rec = tiny_record()
+    profile = {"stages": [{"cumulative_ms": 0.5}, {"cumulative_ms": 1.0}, {"cumulative_ms": 2.0}], "plain_ms": 1.75,
+               "batch": 1, "threads": 1}
+    ms = workbench.latency_record(rec, profile)
+    assert ms.costs.tolist() == [0.5, 1.0, 2.0] and ms.full_cost == 1.75 and ms.meta["cost_unit"] == "ms"
+    g = workbench.precompute_grid("static", rec, rec, latency=ms)
+    assert g.table["mean_ms"].tolist() == [0.5, 1.0, 2.0]
+    assert g.table["rel_ms"].tolist() == pytest.approx(g.table["rel_macs"].tolist())  # ms = MACs / 2 here
+    with pytest.raises(EelabError, match="profile"):
+        workbench.latency_record(rec, {"stages": profile["stages"][:2], "plain_ms": 1.0})
+
+
+def test_exit_table_by_hand():
+    rec = tiny_record()
+    table = workbench.exit_table(rec, rec)
+    assert table["macs"].tolist() == [1.0, 2.0, 4.0]
+    assert table["rel_macs"].tolist() == pytest.approx([1 / 3.5, 2 / 3.5, 4 / 3.5])
+    assert table["test_accuracy"].tolist() == [0.5, 0.5, 0.75] == table["cal_accuracy"].tolist()
+
+
+def test_summary_over_one_and_two_runs(pair):
+    cal, test = pair
+    grids = workbench.precompute_grids(["static", "threshold"], cal, test)
+    one = workbench.summarize_policies(grids, tolerance=0.02, budget=0.6)
+    assert one["policy"].tolist() == ["static", "threshold"] and one["n_seeds"].tolist() == [1, 1]
+    assert one["area_std"].isna().all()
+    i = workbench.matched_point(grids["threshold"], budget=0.6)
+    assert one.loc[1, "accuracy_at_budget"] == grids["threshold"].table.at[i, "accuracy"]
+    two = workbench.summarize_policies([grids, grids], tolerance=0.02, budget=0.6)
+    assert two["n_seeds"].tolist() == [2, 2] and two["area_std"].tolist() == [0.0, 0.0]
+    assert two["area"].tolist() == pytest.approx(one["area"].tolist())
+    assert list(two.columns[:4]) == ["policy", "n_seeds", "area", "area_std"]
+
+
+def test_risk_table_reports_the_realised_test_risk(pair):
+    cal, test = pair
+    g = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.1, 0.3]})
+    table = workbench.risk_table(g)
+    correct = test.logits.argmax(-1) == test.labels.unsqueeze(1)
+    for i, policy in enumerate(g.policies):
+        exits = policy.decide(test)
+        lost = [bool(correct[s, -1]) and not bool(correct[s, exits[s]]) for s in range(test.n)]  # slow and obvious
+        assert table.at[i, "test_risk"] == pytest.approx(sum(lost) / test.n)
+        assert table.at[i, "guarantee"] == policy.guarantee()
+    with pytest.raises(EelabError):
+        workbench.risk_table(workbench.precompute_grid("static", cal, test))
+
+
+def test_reliability_bins_give_the_metrics_ece(pair):
+    test = pair[1]
+    bins = workbench.reliability_bins(test, n_bins=10)
+    conf = torch.softmax(test.logits, -1).amax(-1)
+    correct = test.logits.argmax(-1) == test.labels.unsqueeze(1)
+    for k in range(test.k):
+        rows = bins[(bins["exit"] == k) & (bins["count"] > 0)]
+        assert rows["count"].sum() == test.n
+        ece = (rows["count"] * (rows["accuracy"] - rows["confidence"]).abs()).sum() / test.n
+        assert ece == pytest.approx(expected_calibration_error(conf[:, k], correct[:, k], 10), abs=1e-6)
+    long = workbench.exit_confidences(test)
+    assert len(long) == test.n * test.k
+    assert long[long["exit"] == 2]["confidence"].tolist() == pytest.approx(conf[:, 2].tolist(), abs=1e-6)
+
+
+def test_class_tables_reshape_evaluate(pair):
+    test = pair[1]
+    point = evaluate(test, torch.randint(test.k, (test.n,), generator=torch.Generator().manual_seed(0)))
+    acc = workbench.class_table({"p": point, "q": point})
+    assert list(acc.index) == list("vwxyz") and acc["p"].tolist() == point["per_class_accuracy"]
+    exits = workbench.class_exits(point)
+    assert exits.shape == (5, test.k) and exits.to_numpy().tolist() == point["per_class_exit_fractions"]
+
+
+# ---- records and examples ---------------------------------------------------------------------------
+def test_load_records_limit_is_a_seeded_subset(tmp_path):
+    rec = random_record(n=50)
+    rec.save(tmp_path / "cal.pt")
+    rec.save(tmp_path / "test.pt")
+    cal, test = workbench.load_records(tmp_path, limit=20)
+    assert cal.n == test.n == 20 and torch.equal(cal.indices, workbench.load_records(tmp_path, limit=20)[0].indices)
+    assert not torch.equal(cal.indices, torch.arange(20)) and bool((cal.indices.diff() > 0).all())
+    (tmp_path / "cal.pt").unlink()
+    with pytest.raises(EelabError, match="eelab record .* --split cal"):
+        workbench.load_records(tmp_path)
+
+
+def test_examples_without_the_dataset_say_how_to_get_it(pair, tmp_path):
+    test = pair[1]
+    absent = ExitRecord(**{**test.__dict__, "meta": {"dataset": f"folder:{tmp_path / 'gone'}", "split": "test"}})
+    ex = workbench.find_examples(absent, torch.zeros(test.n, dtype=torch.long), n=5)
+    assert ex.images is None and "does not exist" in ex.message and "exit records" in ex.message
+    assert len(ex.labels) == len(ex.exits) == 5
+
+
+def test_examples_come_from_the_dataset_when_it_is_here(tiny_checkpoint):
+    from eelab.data import load_dataset
+    from eelab.records import record_checkpoint
+
+    rec = record_checkpoint(tiny_checkpoint, "test", progress=False)
+    exits = torch.ones(rec.n, dtype=torch.long)
+    ex = workbench.find_examples(rec, exits, n=4, seed=1)
+    ds = load_dataset(rec.meta["dataset"], progress=False)
+    rows = torch.randperm(rec.n, generator=torch.Generator().manual_seed(1))[:4].sort().values
+    assert torch.equal(ex.images, ds.test_images[rec.indices[rows]])
+    assert ex.exits == [1] * 4 and ex.predictions == rec.logits[rows, 1].argmax(-1).tolist()
+
+
+def test_families_that_need_fields_the_records_lack_are_left_out(pair):
+    with pytest.warns(UserWarning, match=r"confidence left out: it reads the record field\(s\) confidences"):
+        grids = workbench.precompute_grids(["static", "confidence"], *pair)
+    assert list(grids) == ["static"]
+
+
+def test_every_registered_family_has_a_grid(pair):
+    # the compare notebook draws every registered family; each must at least build its default grid
+    for name, cls in POLICIES.items():
+        assert isinstance(cls.grid(pair[0]), list), name
