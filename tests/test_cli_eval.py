@@ -1,6 +1,8 @@
 """`eelab evaluate` and `eelab sweep`, in-process: JSON on stdout, readable tables, one-line errors."""
 from __future__ import annotations
 
+import conftest
+
 import json
 from pathlib import Path
 
@@ -16,13 +18,7 @@ SHA = "ab" * 32
 
 
 def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, sha: str = SHA) -> ExitRecord:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      meta={"checkpoint_sha256": sha, "split": "test"})
+    return conftest.random_record(n, k, c, seed, meta={"checkpoint_sha256": sha, "split": "test"})
 
 
 @pytest.fixture()

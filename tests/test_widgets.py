@@ -3,6 +3,8 @@ for that value; a move fits nothing and decides nothing; training grows the curv
 writes files."""
 from __future__ import annotations
 
+import conftest
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -15,13 +17,7 @@ from eelab.records import ExitRecord
 
 
 def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
+    return conftest.random_record(n, k, c, seed, meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
 
 
 @pytest.fixture(scope="module")
