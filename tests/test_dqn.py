@@ -232,3 +232,23 @@ def test_bad_parameters_are_one_line_errors(params, match):
     with pytest.raises(EelabError, match=match) as err:
         make_policy("dqn", **params)
     assert "\n" not in str(err.value)
+
+
+def test_live_reports_change_nothing_and_match_the_fitted_agent():
+    cal = random_record(600, seed=7)
+    rows = []
+    live = DQNPolicy(cost_weight=0.4, steps=120).fit(cal, callback=rows.append, every=25)
+    quiet = DQNPolicy(cost_weight=0.4, steps=120).fit(cal)
+    assert all(torch.equal(live.fitted[key], quiet.fitted[key]) for key in live.fitted)  # no random draws taken
+    assert [r["step"] for r in rows] == [25, 50, 75, 100, 120]  # every 25 updates, and after the last
+    assert live.info["trace"] == rows and quiet.info["trace"] == rows  # kept with the fit either way
+    assert rows[0]["epsilon"] > rows[-1]["epsilon"] and all(r["episodes"] > 0 for r in rows)
+    # the last report describes exactly the agent that decides: its exits and its mean reward on cal
+    exits = live.decide(cal)
+    env = live.make_env(cal)
+    fractions = (torch.bincount(exits, minlength=cal.k).double() / cal.n).tolist()
+    assert rows[-1]["exit_fractions"] == pytest.approx(fractions, abs=2 / cal.n)
+    assert rows[-1]["greedy_reward"] == pytest.approx(float(env.rewards[torch.arange(cal.n), exits].mean()),
+                                                      abs=2 / cal.n)
+    with pytest.raises(EelabError, match="at least 1"):
+        train_dqn(env, DQNConfig(steps=5), callback=rows.append, every=0)

@@ -25,7 +25,7 @@ def code_cells(nb) -> list:
 
 def test_the_four_notebooks_are_planned():
     names = {path.stem for path in NOTEBOOKS}
-    assert {"01_train_classifiers", "04_compare_policies"} <= names
+    assert {"01_train_classifiers", "02_tune_alpha", "03_train_dqn", "04_compare_policies"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

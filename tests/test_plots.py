@@ -95,3 +95,19 @@ def test_export_table_writes_csv_and_latex(tmp_path):
 @pytest.mark.parametrize("fronts", [{}, {"a": FRONT.iloc[:0]}])
 def test_empty_inputs_still_give_a_figure(fronts):
     assert isinstance(plots.plot_frontiers(fronts), Figure)
+
+
+def test_sensitivity_and_dqn_training_draw_the_given_numbers():
+    table = pd.DataFrame({"alpha": [0.5, 0.0], "n_seeds": [3, 3], "accuracy": [0.8, 0.9], "accuracy_std": [0.01, 0.02],
+                          "compute_saved": [0.5, 0.1], "compute_saved_std": [float("nan"), 0.0]})
+    fig = plots.plot_sensitivity(table, "alpha")
+    acc, saved = fig.axes
+    assert list(acc.lines[0].get_xdata()) == [0.0, 0.5] and list(acc.lines[0].get_ydata()) == [0.9, 0.8]
+    assert list(saved.lines[0].get_ydata()) == [0.1, 0.5] and "3 seeds" in acc.get_title()
+    traces = {"lambda=0.1": [{"step": 25, "greedy_reward": 0.5, "exit_fractions": [0.2, 0.8]},
+                             {"step": 50, "greedy_reward": 0.6, "exit_fractions": [0.3, 0.7]}],
+              "lambda=1": [{"step": 25, "greedy_reward": 0.1, "exit_fractions": [0.9, 0.1]}]}
+    fig = plots.plot_dqn_training(traces)
+    reward, exits = fig.axes
+    assert [list(line.get_ydata()) for line in reward.lines] == [[0.5, 0.6], [0.1]]
+    assert [p.get_height() for p in exits.patches] == [0.3, 0.7, 0.9, 0.1]  # each agent's last report

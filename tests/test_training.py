@@ -113,7 +113,7 @@ def test_multi_exit_loss_hand_computed():
 
 def test_precision_choice():
     cpu = torch.device("cpu")
-    assert training.choose_precision("fp32", cpu) == (None, False)
+    assert training.choose_precision("fp32", cpu) == (None, True)
     assert training.choose_precision("bf16", cpu) == (torch.bfloat16, True)
     auto = training.choose_precision("auto", cpu)
     assert auto == ((torch.bfloat16, True) if training.cpu_has_amx() else (None, False))

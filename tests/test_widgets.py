@@ -11,6 +11,7 @@ from conftest import tiny_config
 from matplotlib.figure import Figure
 
 from eelab import widgets, workbench
+from eelab.errors import EelabError
 from eelab.metrics import evaluate, oracle_frontier, pareto_front
 from eelab.policies import Policy, RiskPolicy, make_policy
 from eelab.records import ExitRecord
@@ -181,3 +182,32 @@ def test_training_panel_without_a_checkpoint_starts_empty(tmp_path):
     panel.name.value = "../escape"
     panel.button.click()
     assert "plain folder name" in panel.status.value
+
+
+def test_dqn_panel_draws_training_live_then_finds_the_agents_again(pair, tmp_path, monkeypatch):
+    cal, test = pair
+    panel = widgets.DQNTrainingPanel(cal, test, cost_weights=[0.1, 0.8], params={"steps": 60}, cache=tmp_path,
+                                     every=20)
+    shown = []  # what the exit figure showed at each report, while training ran
+    panel.exit_figure.data[0].on_change(lambda bars, y: shown.append(list(y)), "y")
+    grid = panel.train()
+    assert [t.name for t in panel.reward_figure.data] == ["lambda=0.1", "lambda=0.8"]
+    for trace, policy in zip(panel.reward_figure.data, grid.policies):
+        rows = policy.info["trace"]
+        assert list(trace.x) == [20, 40, 60] and list(trace.y) == [r["greedy_reward"] for r in rows]
+    assert len(shown) == 6 and shown[-1] == grid.policies[1].info["trace"][-1]["exit_fractions"]
+    # the grid holds the agents scored on test, as metrics.evaluate scores them
+    for i, policy in enumerate(grid.policies):
+        m = evaluate(test, policy.decide(test), overhead=policy.overhead_macs(test.k, test.c))
+        assert grid.table.loc[i, "accuracy"] == m["accuracy"] and grid.table.loc[i, "rel_macs"] == m["rel_macs"]
+    assert grid.params == ["cost_weight"] and panel.progress.value == 2
+    # a second panel on the same cache trains nothing and draws the stored curves; 04's grid finds them too
+    monkeypatch.setattr("eelab.policies.dqn.train_dqn", lambda *a, **k: pytest.fail("an agent was retrained"))
+    again = widgets.DQNTrainingPanel(cal, test, cost_weights=[0.1, 0.8], params={"steps": 60}, cache=tmp_path)
+    assert again.train().table["accuracy"].tolist() == grid.table["accuracy"].tolist()
+    assert [list(t.y) for t in again.reward_figure.data] == [list(t.y) for t in panel.reward_figure.data]
+    found = workbench.precompute_grid("dqn", cal, test, [{"cost_weight": 0.1, "steps": 60}], cache=tmp_path)
+    assert found.table.loc[0, "accuracy"] == grid.table.loc[0, "accuracy"]
+    assert set(panel.paper_figures()) == {"dqn_training"}
+    with pytest.raises(EelabError, match="hidden"):
+        widgets.DQNTrainingPanel(cal, test, params={"hidden": 0})

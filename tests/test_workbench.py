@@ -250,3 +250,36 @@ def test_every_registered_family_has_a_grid(pair):
     # the compare notebook draws every registered family; each must at least build its default grid
     for name, cls in POLICIES.items():
         assert isinstance(cls.grid(pair[0]), list), name
+
+
+def test_sensitivity_table_by_hand(pair):
+    cal, test = pair
+    runs = [workbench.precompute_grid("alpha", cal, test, {"alpha": [0.0, 0.5, 1.0], "seed": [s], "steps": [30]})
+            for s in (0, 1)]
+    table = workbench.sensitivity_table(runs, "alpha")
+    assert table["alpha"].tolist() == [0.0, 0.5, 1.0] and table["n_seeds"].tolist() == [2, 2, 2]
+    for i in range(3):
+        accs = [run.table.loc[i, "accuracy"] for run in runs]
+        saved = [run.table.loc[i, "compute_saved"] for run in runs]
+        assert table.loc[i, "accuracy"] == pytest.approx(sum(accs) / 2)
+        assert table.loc[i, "accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        assert table.loc[i, "compute_saved"] == pytest.approx(sum(saved) / 2)
+    assert table["jump"].iloc[1:].tolist() == pytest.approx(table["accuracy"].diff().abs().iloc[1:].tolist())
+    one = workbench.sensitivity_table(runs[0], "alpha")
+    assert one["accuracy"].tolist() == runs[0].table["accuracy"].tolist() and one["accuracy_std"].isna().all()
+    with pytest.raises(EelabError, match="no parameter 'gamma'"):
+        workbench.sensitivity_table(runs, "gamma")
+
+
+def test_alpha_grid_is_fitted_in_one_batched_run_and_cached(pair, tmp_path, monkeypatch):
+    from eelab.policies import alpha as alpha_module
+
+    calls = []
+    real = alpha_module.fit_alpha_grid
+    monkeypatch.setattr(alpha_module, "fit_alpha_grid", lambda cal, alphas, **p: calls.append(len(alphas))
+                        or real(cal, alphas, **p))
+    grid = {"alpha": [0.0, 0.3, 0.6, 0.9], "steps": [20]}
+    first = workbench.precompute_grid("alpha", *pair, grid, cache=tmp_path)
+    again = workbench.precompute_grid("alpha", *pair, grid, cache=tmp_path)
+    assert calls == [4] and len(list(tmp_path.glob("alpha-*.pt"))) == 4  # one run for four alphas, then found
+    assert first.table["accuracy"].tolist() == again.table["accuracy"].tolist()

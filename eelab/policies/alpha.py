@@ -115,9 +115,19 @@ class AlphaPolicy(Policy):
     @classmethod
     def _points_sums(cls, points: list[dict[str, Any]], cal: ExitRecord,
                      test: ExitRecord) -> tuple[torch.Tensor, list[dict[str, float]]]:
-        # Points that differ only in alpha are fitted in one batched run (fit_alpha_grid); the numbers equal
-        # the base class's one-fit-per-point loop up to rounding in the fits (tested).
-        policies: list[Policy] = [cls(**point) for point in points]
+        # the numbers equal the base class's one-fit-per-point loop up to rounding in the fits (tested)
+        policies = cls.fit_grid(points, cal)
+        sums = torch.zeros(len(points), 3, dtype=torch.float64)
+        for i, policy in enumerate(policies):
+            values = exit_values(test, policy.overhead_macs(test.k, test.c))
+            sums[i] = sum_at_exits(values, policy.decide(test).unsqueeze(0))[0]
+        return sums, [policy.summary() for policy in policies]
+
+    @classmethod
+    def fit_grid(cls, points: list[dict[str, Any]], cal: ExitRecord) -> list["AlphaPolicy"]:
+        """One fitted policy per point; points that differ only in alpha are fitted in one batched run
+        (fit_alpha_grid), so a 21-alpha grid costs about one fit."""
+        policies = [cls(**point) for point in points]
         groups: dict[tuple, list[int]] = {}
         for i, policy in enumerate(policies):
             rest = {key: value for key, value in policy.params.items() if key != "alpha"}
@@ -125,11 +135,7 @@ class AlphaPolicy(Policy):
         for key, idx in groups.items():
             for i, fitted in zip(idx, fit_alpha_grid(cal, [policies[i].params["alpha"] for i in idx], **dict(key))):
                 policies[i].fitted, policies[i].info = fitted.fitted, fitted.info
-        sums = torch.zeros(len(points), 3, dtype=torch.float64)
-        for i, policy in enumerate(policies):
-            values = exit_values(test, policy.overhead_macs(test.k, test.c))
-            sums[i] = sum_at_exits(values, policy.decide(test).unsqueeze(0))[0]
-        return sums, [policy.summary() for policy in policies]
+        return policies
 
     @classmethod
     def grid(cls, cal: ExitRecord) -> list[dict[str, Any]]:

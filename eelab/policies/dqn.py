@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -80,9 +80,27 @@ def greedy_actions(q: torch.Tensor) -> torch.Tensor:
     return (q[:, EXIT] > q[:, CONTINUE]).long()
 
 
-def train_dqn(env: ExitEnv, config: DQNConfig = DQNConfig()) -> DQNRun:
-    """Train a Double DQN agent on an ExitEnv, many episodes at a time; seeded by config.seed."""
+def greedy_exits(weights: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """Where a greedy agent leaves each of N samples: features [N, K, F] -> exits int64 [N] (the last forced)."""
+    n, k, f = features.shape
+    with torch.no_grad():
+        stop = greedy_actions(q_values(weights, features[:, :-1].reshape(-1, f))).view(n, k - 1) == EXIT
+    return torch.cat([stop, torch.ones(n, 1, dtype=torch.bool)], dim=1).int().argmax(dim=1)
+
+
+def train_dqn(env: ExitEnv, config: DQNConfig = DQNConfig(),
+              callback: Callable[[dict[str, Any]], None] | None = None, every: int = 25) -> DQNRun:
+    """Train a Double DQN agent on an ExitEnv, many episodes at a time; seeded by config.seed.
+
+    callback, every `every` updates and after the last: {step, steps, episodes, epsilon, loss (mean TD loss
+    since the last report), train_reward (mean reward of the exploring episodes finished since then, nan if
+    none), greedy_reward (mean reward of the greedy agent over every sample of the env, no exploration) and
+    exit_fractions [K] (where the greedy agent leaves)}, for live plots. It draws no random numbers, so a run
+    with a callback equals one without.
+    """
     start = time.perf_counter()
+    if every < 1:
+        raise EelabError(f"train_dqn reports every `every` updates; it must be at least 1, got {every}")
     gen = torch.Generator().manual_seed(config.seed)
     f, p, cap = env.observation_space.shape[0], config.parallel, config.replay_size
     # The network trains on standardised features (far better conditioned: confidences bunch near 1), and the
@@ -100,6 +118,7 @@ def train_dqn(env: ExitEnv, config: DQNConfig = DQNConfig()) -> DQNRun:
     memory = torch.zeros(cap, 2 * f + 3)
     where = torch.zeros(cap, 2, dtype=torch.long)
     stored, losses, episodes = 0, [], 0
+    finished, reward_sum, reported = 0, 0.0, 0  # exploring episodes finished since the last report
     index = torch.randint(env.num_samples, (p,), generator=gen)
     at = torch.zeros(p, dtype=torch.long)  # each episode's current exit
     explore_steps = max(1.0, config.explore_fraction * config.steps)
@@ -120,11 +139,12 @@ def train_dqn(env: ExitEnv, config: DQNConfig = DQNConfig()) -> DQNRun:
         where[slots] = torch.stack([index, at], dim=1)
         stored += p
         episodes += int(done.sum())
+        finished, reward_sum = finished + int(done.sum()), reward_sum + float(reward.sum())
         index = torch.where(done, torch.randint(env.num_samples, (p,), generator=gen), index)
         at = torch.where(done, torch.zeros_like(at), nxt)
         # learn: Double DQN with gamma = 1 (the online network picks the next action, the target values it)
         if min(stored, cap) < config.batch_size:
-            continue
+            continue  # (a report falls due only after an update, and the first one comes before step `every`)
         batch = memory[torch.randint(min(stored, cap), (config.batch_size,), generator=gen)]
         s, s2 = batch[:, :f], batch[:, f:2 * f]
         r, a, d = batch[:, 2 * f], batch[:, 2 * f + 1].long(), batch[:, 2 * f + 2]
@@ -140,6 +160,15 @@ def train_dqn(env: ExitEnv, config: DQNConfig = DQNConfig()) -> DQNRun:
         losses.append(float(loss.detach()))
         if len(losses) % config.target_every == 0:
             target = {key: value.detach().clone() for key, value in online.items()}
+        if callback is not None and ((t + 1) % every == 0 or t + 1 == config.steps):
+            exits = greedy_exits(online, (env.features - mean) / std)
+            callback({"step": t + 1, "steps": config.steps, "episodes": episodes, "epsilon": epsilon,
+                      "loss": sum(losses[reported:]) / max(len(losses) - reported, 1),
+                      "train_reward": reward_sum / finished if finished else math.nan,
+                      "greedy_reward": float(env.rewards[torch.arange(env.num_samples), exits].mean()),
+                      "exit_fractions": (torch.bincount(exits, minlength=env.num_exits).double()
+                                         / env.num_samples).tolist()})
+            finished, reward_sum, reported = 0, 0.0, len(losses)
     order = torch.arange(stored - min(stored, cap), stored) % cap  # oldest first
     rows, place = memory[order], where[order]
     replay = {"obs": rows[:, :f] * std + mean, "next_obs": rows[:, f:2 * f] * std + mean, "reward": rows[:, 2 * f],
@@ -183,11 +212,28 @@ class DQNPolicy(Policy):
         costs = charged_costs(cal.costs, self.overhead_macs(cal.k, cal.c))
         return ExitEnv(cal, self.params["cost_weight"], costs)
 
+    def fit(self, cal: ExitRecord, callback: Callable[[dict[str, Any]], None] | None = None,
+            every: int = 25) -> "DQNPolicy":
+        """Fit on a cal record; callback as train_dqn's (live plots). The reports are kept in info["trace"]."""
+        self._callback, self._every = callback, every
+        try:
+            return super().fit(cal)
+        finally:
+            self._callback = None
+
     def _fit(self, cal: ExitRecord) -> dict[str, torch.Tensor]:
         if cal.k < 2:
             raise EelabError("policy dqn needs a record with at least 2 exits; with one there is nothing to decide")
-        run = train_dqn(self.make_env(cal), self.config())
-        self.info.update(fit_seconds=run.seconds, episodes=run.episodes,
+        trace: list[dict[str, Any]] = []
+        user = getattr(self, "_callback", None)
+
+        def report(row: dict[str, Any]) -> None:
+            trace.append(row)
+            if user is not None:
+                user(row)
+
+        run = train_dqn(self.make_env(cal), self.config(), callback=report, every=getattr(self, "_every", 25))
+        self.info.update(fit_seconds=run.seconds, episodes=run.episodes, trace=trace,
                          final_loss=float(sum(run.losses[-50:]) / max(len(run.losses[-50:]), 1)))
         return run.weights
 

@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Train a DQN exit agent
+#
+# At each exit the agent sees that exit's confidence features only and chooses continue or exit; the last
+# exit forces an exit; the reward is 1[correct] - lambda x MACs spent / plain network's MACs (the Q-network's
+# own MACs included), with no discount. Double DQN with a target network, every transition in replay,
+# exploration only while training, greedy when deciding (after the early-exit-cnn project, without its
+# defects). The episodes run over the **cal** record, thousands at a time; each lambda gives one agent and one
+# point on the frontier, scored on **test**.
+#
+# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# checkpoint directory (with `cal.pt` and `test.pt`); `EELAB_SMOKE=1` is the quick run the tests use.
+
+# %% tags=["parameters"]
+import os
+
+from eelab import plots, widgets, workbench
+
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, agents and updates
+FIGURES = "../figures"                 # where the export button writes figures and tables
+POLICY_DIR = "../runs/policies"        # the save button writes the selected agent here (git-ignored)
+FITTED = None if SMOKE else "../runs/fitted"  # trained agents are saved here and reused (notebook 04 too)
+LIMIT = 2000 if SMOKE else None        # use the first LIMIT samples of each record (None: all)
+COST_WEIGHTS = [0.05, 0.3, 1.1] if SMOKE else None  # lambdas, one agent each (None: the family's nine)
+AGENT = {"steps": 150} if SMOKE else {}  # other DQN parameters (steps, hidden, lr, seed, ...); {}: defaults
+REPORT_EVERY = 25                      # gradient updates between points on the live curves
+THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many points (None: all)
+
+# %% [markdown]
+# ## Records
+
+# %%
+cal, test = workbench.load_records(CHECKPOINT, limit=LIMIT)
+workbench.exit_table(cal, test)
+
+# %% [markdown]
+# ## Training, live
+#
+# Left: the greedy agent's mean reward on cal (no exploration) every `REPORT_EVERY` updates, one curve per
+# lambda. Right: where the agent in training leaves. Agents found in `FITTED` are drawn from their stored
+# trace instead of trained again. The button trains again after you change the cell above.
+
+# %%
+trainer = widgets.DQNTrainingPanel(cal, test, cost_weights=COST_WEIGHTS, params=AGENT, cache=FITTED,
+                                   every=REPORT_EVERY)
+trainer
+
+# %%
+dqn = trainer.train()
+threshold = workbench.precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS, cache=FITTED)
+static = workbench.precompute_grid("static", cal, test)
+
+# %% [markdown]
+# ## Pick an agent
+#
+# The lambda slider picks the agent; its point on the frontier, its exit distribution and where each class
+# leaves follow at once, beside the max-prob threshold policy and the oracle frontier. "save policy" writes
+# the selected agent (and threshold) into `POLICY_DIR` for `eelab predict` and `eelab bench`.
+
+# %%
+panel = widgets.PolicySliderPanel([dqn, threshold], static=static, classes=True, save_to=POLICY_DIR,
+                                  title="DQN agents against the max-prob threshold (fitted on cal, test shown)")
+panel
+
+# %% [markdown]
+# ## The agents against the threshold
+#
+# Area under each test frontier, accuracy at matched compute and compute saved at matched accuracy (chosen
+# on cal). For a spread over seeds, train agents with other `seed`s in `AGENT` (notebook 04 and
+# `benchmarks/learned_policies.py` do three).
+
+# %%
+summary = workbench.summarize_policies({"dqn": dqn, "threshold": threshold})
+summary
+
+# %%
+training_figure = plots.plot_dqn_training(trainer.traces, title="DQN training on cal")
+training_figure
+
+# %% [markdown]
+# ## Export
+#
+# Writes the training curves, the panel's current state and the summary into `figures/`.
+
+# %%
+widgets.ExportControl(trainer, panel, {"summary": summary}, folder=FIGURES, prefix="03_")
