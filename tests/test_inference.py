@@ -31,13 +31,29 @@ def test_live_matches_the_record(tiny_checkpoint, test_images, threshold):
     assert torch.equal(got["macs"], rec.costs[got["exits"]])
 
 
-def test_batch_equals_one_at_a_time(tiny_checkpoint, test_images):
-    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "threshold", {"threshold": 0.5})
+@pytest.mark.parametrize("policy", ["threshold", "static"])
+def test_batch_equals_one_at_a_time(tiny_checkpoint, test_images, policy):
+    rec = record_checkpoint(tiny_checkpoint, "test", progress=False)
+    median = float(score_logits(rec.logits[:, 0], "max_prob").median())  # about half the images stop at exit 0
+    params = {"threshold": median} if policy == "threshold" else {"exit": 0}
+    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, policy, params)
     batch = pred.predict(test_images)
-    for i in range(test_images.shape[0]):
+    for i in range(test_images.shape[0]):  # one image takes the batch-1 path: the same step loop, leaner
         one = pred.predict(test_images[i:i + 1])
-        assert one["exits"].item() == batch["exits"][i].item()
+        assert one["exits"].item() == batch["exits"][i].item() and one["macs"].item() == batch["macs"][i].item()
         torch.testing.assert_close(one["logits"][0], batch["logits"][i], atol=1e-5, rtol=0)
+    assert len(set(batch["exits"].tolist())) > 1 or policy == "static"  # the comparison covers several exits
+
+
+def test_one_image_stops_without_running_later_stages(tiny_checkpoint, test_images):
+    pred = EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "threshold", {"threshold": 0.0})
+    seen = []
+    hook = pred.model.stages[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    assert pred.predict(test_images[:1])["exits"].tolist() == [0] and seen == []
+    pred.policy = make_policy("threshold", threshold=1.0)
+    out = pred.predict(test_images[:1])
+    hook.remove()
+    assert out["exits"].tolist() == [pred.model.num_exits - 1] and seen == [1]
 
 
 def test_later_stages_run_only_for_survivors(tiny_checkpoint, test_images):
