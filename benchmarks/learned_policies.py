@@ -1,7 +1,7 @@
 """Learned exit policies (alpha gates, DQN) against the fitted threshold policy and the oracle frontier.
 
 Every policy is fitted on CAL and scored on TEST; each learned family sweeps its default grid once per seed
-(alpha: 21 alphas; dqn: 8 cost weights), and reports the area under its accuracy-vs-compute frontier over
+(alpha: 21 alphas; dqn: 9 cost weights), and reports the area under its accuracy-vs-compute frontier over
 [costs[0] / full_cost, 1] as mean, standard deviation and range over seeds, against the threshold policy
 (max-prob, plain and with per-exit temperatures fitted on cal; deterministic) and the oracle frontier (a
 bound, not a policy). MACs include the gates' and Q-network's own. The area of a step frontier grows with
@@ -10,7 +10,8 @@ its accuracy minus the best threshold accuracy at no more MACs. Then: how much a
 move between nearby alphas (LEENet reports jumps), and the DQN's operating point per cost weight.
 
 Run: python benchmarks/learned_policies.py [CAL TEST] [--seeds 3] [--synthetic] [--threads N]
-CAL and TEST default to checkpoints/ee_cnn-cifar10-jpeg/cal.pt and test.pt; --synthetic builds a seeded
+CAL and TEST default to checkpoints/ee_cnn-cifar10-jpeg/cal.pt and test.pt; records with learned
+confidences (an `eelab train --objective eenet` checkpoint) add the EENets `confidence` policy; --synthetic builds a seeded
 synthetic pair (5,000 cal and 10,000 test samples, 4 exits, 10 classes) so it runs anywhere.
 """
 from __future__ import annotations
@@ -122,10 +123,13 @@ def main() -> None:
         rows.append((label, "-", len(points), [area], None, None, seconds / len(points)))
     reference, reference_points = max(baseline.values()), pd.concat(threshold_tables)
     learned_tables = {}
-    for name in ("alpha", "dqn"):
+    # EENets confidence branches: deterministic given the records (their training seed made the records)
+    families = ["alpha", "dqn"] + (["confidence"] if cal.confidences is not None and test.confidences is not None
+                                   else [])
+    for name in families:
         areas, per_point, gaps, above = [], [], [], []
-        for seed in seeds:
-            points = [{**point, "seed": seed} for point in default_grid(name, cal)]
+        for seed in (seeds if name != "confidence" else [0]):
+            points = [{**point, **({"seed": seed} if name != "confidence" else {})} for point in default_grid(name, cal)]
             area, seconds, table = time_sweep(name, cal, test, points)
             gap, frac = matched_gap(table, reference_points)
             areas.append(area)
@@ -133,7 +137,7 @@ def main() -> None:
             gaps.append(gap)
             above.append(frac)
             learned_tables[(name, seed)] = table
-        rows.append((name, len(seeds), len(default_grid(name, cal)), areas, [a - reference for a in areas],
+        rows.append((name, len(areas), len(default_grid(name, cal)), areas, [a - reference for a in areas],
                      (gaps, above), statistics.mean(per_point)))
     start = time.perf_counter()
     AlphaPolicy(alpha=0.5).fit(cal)

@@ -17,6 +17,7 @@ import torch
 
 from eelab import widgets, workbench
 from eelab.records import ExitRecord, load_record
+from eelab.widgets import _trace
 
 BUDGET_MS = 100.0
 
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--test")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dqn-steps", type=int, default=200,
+                        help="updates per DQN agent (the timing needs agents, not good ones; 600 is the default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,25 +86,36 @@ def main() -> None:
     grids["threshold"] = threshold
     precompute = time.perf_counter() - start
 
+    start = time.perf_counter()
+    alpha = workbench.precompute_grid("alpha", cal, test, name="alpha")
+    dqn = workbench.precompute_grid("dqn", cal, test, [{"cost_weight": w, "steps": args.dqn_steps}
+                                                       for w in (0.0, 0.05, 0.15, 0.3, 0.45, 0.6, 0.8, 1.1, 1.5)])
+    learned = time.perf_counter() - start
+
     rows = []
-    panel = widgets.PolicySliderPanel(threshold, static=grids["static"])
-    slider = panel.sliders["threshold"]["threshold"]
+    panel = widgets.PolicySliderPanel([alpha, threshold], static=grids["static"])
 
-    def check_threshold(value):
-        row = threshold.table.loc[threshold.find(threshold=value)]
-        assert panel.frontier.data[-1].x == (row["rel_macs"],)
+    def check_on(grid, name, param):
+        def check(value):
+            row = grid.table.loc[grid.find(**{param: value})]
+            assert _trace(panel.frontier, f"{name} (selected)").x == (row["rel_macs"],)
+        return check
 
-    rows.append(("slider panel (02: alpha / threshold)", "threshold",
-                 time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_threshold)))
+    for name, grid, param in (("alpha", alpha, "alpha"), ("threshold", threshold, "threshold")):
+        slider = panel.sliders[name][param]
+        rows.append((f"02 tune alpha: {name} slider", param,
+                     time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value),
+                                check_on(grid, name, param))))
 
-    classes = widgets.PolicySliderPanel(threshold, classes=True)
-    slider = classes.sliders["threshold"]["threshold"]
+    panel = widgets.PolicySliderPanel([dqn, threshold], static=grids["static"], classes=True)
+    slider = panel.sliders["dqn"]["cost_weight"]
 
     def check_classes(value):
-        point = threshold.points[threshold.find(threshold=value)]
-        assert [list(r) for r in classes.class_figure.data[0].z] == point["per_class_exit_fractions"]
+        point = dqn.points[dqn.find(cost_weight=value)]
+        assert [list(r) for r in panel.class_figure.data[0].z] == point["per_class_exit_fractions"]
+        check_on(dqn, "dqn", "cost_weight")(value)
 
-    rows.append(("slider panel + class heatmap (03: lambda)", "threshold",
+    rows.append(("03 train dqn: lambda slider + class heatmap", "cost_weight",
                  time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_classes)))
 
     risk_panel = widgets.RiskControlPanel(risk, static=grids["static"])
@@ -126,7 +140,8 @@ def main() -> None:
     print(f"records: {source} (cal {cal.n}, test {test.n}, K={test.k}, C={test.c}); torch threads "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"precomputed once: {len(threshold)} threshold points, {len(risk)} risk points, the other families "
-          f"(with the latency axis) in {precompute:.1f} s\n")
+          f"(with the latency axis) in {precompute:.1f} s; {len(alpha)} alpha gates and {len(dqn)} DQN agents "
+          f"({args.dqn_steps} updates each) fitted on cal in {learned:.1f} s\n")
     print(f"| panel | control | moves | median ms | p95 ms | max ms | under {BUDGET_MS:.0f} ms |")
     print("|---|---|---:|---:|---:|---:|---|")
     for panel_name, control, times in rows:
