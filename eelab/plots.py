@@ -68,14 +68,9 @@ def plot_exit_distribution(fractions: Mapping[str, Sequence[float]], title: str 
 
     fractions {policy: [K] fractions} (metrics.evaluate's exit_fractions).
     """
-    frame = pd.DataFrame([{"policy": name, "exit": k, "fraction": f}
-                          for name, values in fractions.items() for k, f in enumerate(values)])
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(4.6, 3.0), layout="constrained")
-        sns.barplot(frame, x="exit", y="fraction", hue="policy", ax=ax, palette=_PALETTE[:len(fractions)])
-        ax.set_xlabel("exit")
-        ax.set_ylabel("fraction of test samples")
-        _percent(ax)
+        _exit_bars(ax, fractions, _PALETTE[:len(fractions)], "fraction of test samples")
         if title:
             ax.set_title(title)
     plt.close(fig)
@@ -304,15 +299,9 @@ def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: 
         reward.set_xlabel("gradient update")
         reward.set_ylabel("greedy mean reward on cal")
         if final:
-            width = 0.8 / len(final)
-            for i, (name, fractions) in enumerate(final.items()):
-                exits.bar([k + (i - (len(final) - 1) / 2) * width for k in range(len(fractions))], fractions,
-                          width=width, color=_PALETTE[i % 10], label=name)
-            exits.set_xticks(range(len(next(iter(final.values())))))
+            palette = [_PALETTE[i % 10] for i, name in enumerate(traces) if name in final]
+            _exit_bars(exits, final, palette, "fraction of cal samples (trained agent)", legend=False)
             reward.legend(loc="lower right", ncols=2)
-        exits.set_xlabel("exit")
-        exits.set_ylabel("fraction of cal samples (trained agent)")
-        _percent(exits)
         if title:
             fig.suptitle(title)
     plt.close(fig)
@@ -349,6 +338,17 @@ def export_table(table: pd.DataFrame, name: str, folder: str | Path = "figures",
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _exit_bars(ax: Any, fractions: Mapping[str, Sequence[float]], palette: Sequence[Any], ylabel: str,
+               legend: bool = True) -> None:
+    """Grouped bars on ax: one group per exit, one bar per entry of fractions {name: [K] fractions}."""
+    frame = pd.DataFrame([{"policy": name, "exit": k, "fraction": f}
+                          for name, values in fractions.items() for k, f in enumerate(values)])
+    sns.barplot(frame, x="exit", y="fraction", hue="policy", ax=ax, palette=list(palette), legend=legend)
+    ax.set_xlabel("exit")
+    ax.set_ylabel(ylabel)
+    _percent(ax)
+
+
 def _percent(ax: Any, x_too: bool = False) -> None:
     """Show fractions as percent on the y axis (and x)."""
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
