@@ -146,7 +146,10 @@ class EarlyExitPredictor:
 
 # ----------------------------------------------------------------------------- wall clock
 
-def _median_time(fn, rounds: int) -> list[float]:
+def _median_time(fn, rounds: int, warmup: int = 0) -> list[float]:
+    """Wall-clock seconds of `rounds` calls of fn, after `warmup` untimed calls (first-call set-up)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -234,9 +237,9 @@ def profile_checkpoint(checkpoint: str | Path, batch: int = 1, rounds: int = 20)
     rows = []
     for k in range(model.num_exits):
         stage_in = h
-        stage_times = _median_time(lambda: model.forward_stage(k, stage_in), rounds)
+        stage_times = _median_time(lambda: model.forward_stage(k, stage_in), rounds, warmup=2)
         stage_macs, h = _count_macs(lambda: model.forward_stage(k, stage_in))
-        head_times = _median_time(lambda: model.forward_head(k, h), rounds)
+        head_times = _median_time(lambda: model.forward_head(k, h), rounds, warmup=2)
         head_macs, _ = _count_macs(lambda: model.forward_head(k, h))
         rows.append({"exit": k, "stage_ms": 1e3 * statistics.median(stage_times),
                      "head_ms": 1e3 * statistics.median(head_times), "stage_macs": stage_macs // batch,

@@ -160,8 +160,19 @@ def oracle_frontier(record: ExitRecord) -> pd.DataFrame:
 
 
 def frontier_range(record: ExitRecord) -> tuple[float, float]:
-    """The x range frontiers are compared over: (costs[0] / full_cost, 1.0)."""
-    return float(record.costs[0]) / record.full_cost, 1.0
+    """The x range frontiers are compared over: (costs[0] / full_cost, 1.0).
+
+    With measured costs (a latency record) the first exit can time at or above the plain network when the
+    stages are tiny or the timing noisy; the range then runs up to the last exit's cost, so it is never empty.
+    """
+    lo = float(record.costs[0]) / record.full_cost
+    if lo < 1.0:
+        return lo, 1.0
+    hi = float(record.costs[-1]) / record.full_cost
+    if not hi > lo:
+        raise EelabError(f"the record's costs do not rise from the first exit to the last ({record.costs.tolist()}); "
+                         f"re-measure them (eelab profile) or check the record")
+    return lo, hi
 
 
 def area_under_frontier(points: pd.DataFrame, lo: float, hi: float = 1.0, x: str = "rel_macs",

@@ -24,6 +24,7 @@ from . import plots
 from .errors import EelabError
 from .metrics import area_under_frontier, frontier_range, oracle_frontier
 from .policies import Policy
+from .policies.base import show_value
 from .workbench import PolicyGrid, class_exits, risk_table
 
 _COLORS = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
@@ -655,7 +656,7 @@ def _exports(source: Any) -> tuple[dict[str, Figure], dict[str, pd.DataFrame]]:
 
 def _slider(param: str, values: list[Any], value: Any) -> widgets.SelectionSlider:
     """A slider over a grid parameter's values, labelled compactly."""
-    return widgets.SelectionSlider(options=[(_label(v), v) for v in values], value=value, description=param,
+    return widgets.SelectionSlider(options=[(show_value(v), v) for v in values], value=value, description=param,
                                    continuous_update=True, layout=widgets.Layout(width="460px"),
                                    style={"description_width": "70px"})
 
@@ -679,14 +680,6 @@ def _file_name(name: str) -> str:
 
 def _agent_label(cost_weight: float) -> str:
     return f"lambda={cost_weight:g}"
-
-
-def _label(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, tuple):
-        return ",".join(_label(v) for v in value)
-    return str(value)
 
 
 def _oracle(grid: PolicyGrid, x: str) -> pd.DataFrame:

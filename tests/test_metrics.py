@@ -2,6 +2,7 @@
 frontiers (oracle bound checked by brute force), area, bootstrap, sweep."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -156,6 +157,17 @@ def test_oracle_frontier_by_hand():
     assert front["accuracy"].tolist() == [0.5, 0.75, 1.0, 1.0]
     assert front["mean_macs"].tolist() == [1.0, 1.25, 2.0, 4.0]  # last row: flat to costs[-1] > full_cost
     assert frontier_range(tiny_record()) == (1 / 3.5, 1.0)
+
+
+def test_frontier_range_on_measured_costs_is_never_empty():
+    # a latency record whose first exit timed above the plain network (tiny stages, noisy clock)
+    timed = dataclasses.replace(tiny_record(), costs=torch.tensor([1.2, 1.5, 2.0], dtype=torch.float64), full_cost=1.0)
+    lo, hi = frontier_range(timed)
+    assert (lo, hi) == pytest.approx((1.2, 2.0))
+    assert 0.0 < area_under_frontier(oracle_frontier(timed), lo, hi) <= 1.0
+    flat = dataclasses.replace(timed, costs=torch.tensor([1.2, 1.2, 1.2], dtype=torch.float64))
+    with pytest.raises(EelabError, match="do not rise"):
+        frontier_range(flat)
 
 
 def _bound(front: pd.DataFrame, mean_macs: float) -> float:

@@ -135,9 +135,9 @@ class Policy:
 
     def describe(self) -> str:
         """A short label: name, the parameters that differ from their defaults, and fitted scalars."""
-        parts = [f"{key}={_show(value)}" for key, value in self.params.items()
+        parts = [f"{key}={show_value(value)}" for key, value in self.params.items()
                  if value != self.PARAMS[key].default or key in self.given]
-        parts += [f"{key}={_show(value)}" for key, value in self.summary().items()]
+        parts += [f"{key}={show_value(value)}" for key, value in self.summary().items()]
         return f"{self.name}({', '.join(parts)})"
 
     def summary(self) -> dict[str, float]:
@@ -393,12 +393,12 @@ def _check_range(where: str, spec: Param, value: float) -> None:
         raise EelabError(f"{where} must be in {span}, got {value:g}")
 
 
-def _show(value: Any) -> str:
-    """Compact text for a parameter value in a label."""
+def show_value(value: Any) -> str:
+    """Compact text for a parameter value in a label (policy descriptions, slider labels)."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, list):
-        return ",".join(_show(item) for item in value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(show_value(item) for item in value)
     return str(value)
 
 
