@@ -183,7 +183,7 @@ def _add_evaluate(sub) -> None:
                                    "RECORD, and report accuracy, compute saved, exit fractions and more.")
     p.add_argument("record", help="exit record to evaluate on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help="policy name (static, threshold, patience, budget, risk, "
-                                                    "oracle, alpha, dqn) or a saved policy file")
+                                                    "oracle, alpha, dqn, confidence) or a saved policy file")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable, e.g. --param threshold=0.9 --param score=entropy")
     p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
@@ -198,7 +198,7 @@ def _add_sweep(sub) -> None:
                                    "each on RECORD, and report the Pareto front and the area under it.")
     p.add_argument("record", help="exit record to score on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help="policy name: static, threshold, patience, budget, risk, oracle, "
-                                                    "alpha, dqn")
+                                                    "alpha, dqn, confidence")
     p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
     p.add_argument("--json", action="store_true", help="print every grid point as JSON on stdout")
     p.set_defaults(run=_run_sweep)

@@ -84,25 +84,39 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- device and precision
 
-def cpu_has_amx() -> bool:
-    """True when the CPU has AMX tiles (fast bfloat16 matmul and convolution)."""
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bfloat16 instruction sets among amx_bf16 and avx512_bf16 (from /proc/cpuinfo's flags).
+
+    Either makes bf16 convolutions and matmuls faster than fp32 (AMX: Sapphire Rapids and later Xeons;
+    AVX512-BF16: Cooper Lake, AMD Zen 4 and 5). Without them torch emulates bf16 and it is slower than fp32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags.update(line.split(":", 1)[1].split())
+    found = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
     try:
-        if torch.backends.cpu.get_cpu_capability().upper().startswith("AMX"):
-            return True
+        if torch.backends.cpu.get_cpu_capability().upper().startswith("AMX") and "amx_bf16" not in found:
+            found.insert(0, "amx_bf16")
     except Exception:
         pass
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return found
 
 
-def choose_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+def choose_precision(requested: str, device: torch.device, bf16_flags: list[str] | None = None
+                     ) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, use channels_last) for a requested precision on a device.
 
-    auto: fp16 autocast on CUDA; bf16 autocast on a CPU with AMX; fp32 elsewhere. channels_last is used
-    throughout: even in fp32 on a 2-core AVX-512 Xeon without AMX it measured 1.33x faster for an ee_cnn
-    training step (batch 128: 1.15 s against 1.55 s).
+    auto: fp16 autocast on CUDA; bf16 autocast on a CPU with native bf16 (cpu_bf16_flags: AMX or
+    AVX512-BF16); fp32 elsewhere. Measured for an ee_cnn training step, batch 128, 2 threads: on an AMD EPYC
+    with AVX512-BF16, bf16 + channels_last 498 images/s against fp32 + channels_last 262; on an AVX-512 Xeon
+    without bf16 instructions bf16 ran at 0.6x of fp32. channels_last is used throughout: in fp32 it measured
+    1.33x (Xeon) and 1.18x (EPYC) faster than NCHW.
     """
     if requested not in ("auto", "fp32", "bf16", "fp16"):
         raise EelabError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
@@ -111,7 +125,8 @@ def choose_precision(requested: str, device: torch.device) -> tuple[torch.dtype 
     if requested == "auto":
         if device.type == "cuda":
             return torch.float16, True
-        return (torch.bfloat16, True) if cpu_has_amx() else (None, True)
+        flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
+        return (torch.bfloat16, True) if flags else (None, True)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested], True
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import conftest
 
+import argparse
 import json
 from pathlib import Path
 
@@ -131,3 +132,12 @@ def test_help(capsys):
     for command in ("evaluate", "sweep"):
         code, out, _ = run(capsys, command, "--help")
         assert code == 0 and "--policy" in out and "--cal" in out
+
+
+def test_policy_help_names_every_registered_policy():
+    from eelab.cli import build_parser
+    from eelab.policies import POLICIES
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("evaluate", "sweep"):
+        text = sub.choices[command].format_help()
+        assert [name for name in POLICIES if name not in text] == [], command

@@ -115,10 +115,23 @@ def test_precision_choice():
     cpu = torch.device("cpu")
     assert training.choose_precision("fp32", cpu) == (None, True)
     assert training.choose_precision("bf16", cpu) == (torch.bfloat16, True)
+    assert training.choose_precision("auto", cpu, bf16_flags=["avx512_bf16"]) == (torch.bfloat16, True)
+    assert training.choose_precision("auto", cpu, bf16_flags=[]) == (None, True)
     auto = training.choose_precision("auto", cpu)
-    assert auto == ((torch.bfloat16, True) if training.cpu_has_amx() else (None, True))
+    assert auto == ((torch.bfloat16, True) if training.cpu_bf16_flags() else (None, True))
     with pytest.raises(EelabError, match="CUDA"):
         training.choose_precision("fp16", cpu)
+
+
+def test_bf16_flags_read_from_cpuinfo():
+    zen = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    xeon_icelake = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    spr = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    if not torch.backends.cpu.get_cpu_capability().upper().startswith("AMX"):
+        assert training.cpu_bf16_flags(xeon_icelake) == []
+        assert training.cpu_bf16_flags(zen) == ["avx512_bf16"]
+    assert training.cpu_bf16_flags(spr)[:2] == ["amx_bf16", "avx512_bf16"]
+    assert "avx512_bf16" not in training.cpu_bf16_flags("model name\t: avx512_bf16 in a name, not a flag\n")
 
 
 def test_bad_options_are_clear(tmp_path, tiny_folder):
