@@ -80,8 +80,8 @@ def main() -> None:
         p_rates.append(timed(plain_round))
     e, p = statistics.median(e_rates), statistics.median(p_rates)
     prec = "fp32" if dtype is None else str(dtype).replace("torch.", "")
-    print(f"device {device} | native bf16: {','.join(cpu_bf16_flags()) or 'none'} | threads {torch.get_num_threads()} | model {a.model} | "
-          f"batch {a.batch}")
+    print(f"device {device} | native bf16: {','.join(cpu_bf16_flags()) or 'none'} | "
+          f"threads {torch.get_num_threads()} | model {a.model} | batch {a.batch}")
     print(f"eelab step ({prec}, channels_last={channels_last}): {e:8.1f} images/s  "
           f"(rounds: {', '.join(f'{r:.0f}' for r in e_rates)})")
     print(f"plain fp32 NCHW loop:                 {p:8.1f} images/s  "

@@ -85,12 +85,15 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- device and precision
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The CPU's native bfloat16 instruction sets among amx_bf16 and avx512_bf16 (from /proc/cpuinfo's flags).
+    """The CPU's native bfloat16 instruction sets among amx_bf16 and avx512_bf16.
 
-    Either makes bf16 convolutions and matmuls faster than fp32 (AMX: Sapphire Rapids and later Xeons;
-    AVX512-BF16: Cooper Lake, AMD Zen 4 and 5). Without them torch emulates bf16 and it is slower than fp32.
+    Read from the flags of `cpuinfo` (a /proc/cpuinfo text); without it, from this machine's /proc/cpuinfo,
+    plus amx_bf16 when torch reports AMX. Either set makes bf16 convolutions and matmuls faster than fp32
+    (AMX: Sapphire Rapids and later Xeons; AVX512-BF16: Cooper Lake, AMD Zen 4 and 5). Without them torch
+    emulates bf16 and it is slower than fp32.
     """
-    if cpuinfo is None:
+    live = cpuinfo is None
+    if live:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
@@ -99,13 +102,13 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
     for line in cpuinfo.splitlines():
         if line.split(":")[0].strip() in ("flags", "Features"):
             flags.update(line.split(":", 1)[1].split())
-    found = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-    try:
-        if torch.backends.cpu.get_cpu_capability().upper().startswith("AMX") and "amx_bf16" not in found:
-            found.insert(0, "amx_bf16")
-    except Exception:
-        pass
-    return found
+    if live:
+        try:
+            if torch.backends.cpu.get_cpu_capability().upper().startswith("AMX"):
+                flags.add("amx_bf16")
+        except Exception:
+            pass
+    return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
 
 
 def choose_precision(requested: str, device: torch.device, bf16_flags: list[str] | None = None
