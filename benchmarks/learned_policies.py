@@ -26,9 +26,11 @@ import torch
 
 import pandas as pd
 
-from eelab.metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier, pareto_front, sweep
+from eelab.metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier, pareto_front
 from eelab.policies import AlphaPolicy, DQNPolicy, default_grid, fit_alpha_grid
 from eelab.records import ExitRecord, check_same_model, load_record
+from eelab.testing import random_record
+from eelab.sweep import sweep
 
 REFERENCE = Path("checkpoints/ee_cnn-cifar10-jpeg")
 
@@ -41,18 +43,12 @@ def make_synthetic_pair(seed: int = 0, n_cal: int = 5000, n_test: int = 10000, k
     noise to the true class's logit, so accuracy rises from about 0.46 to 0.82 along the exits, confidence
     tracks it, and the exits' mistakes are only partly shared. Costs 0.25, 0.50, 0.78, 1.04 x 1e8 MACs.
     """
-    def draw(n: int, gen: torch.Generator, split: str) -> ExitRecord:
-        labels = torch.randint(c, (n,), generator=gen)
-        difficulty = torch.rand(n, generator=gen)
-        logits = torch.randn(n, k, c, generator=gen)
-        strength = 1.5 * torch.linspace(1.5, 4.0, k).unsqueeze(0) * (1.1 - difficulty.unsqueeze(1))
-        logits[torch.arange(n), :, labels] += strength + 0.7 * torch.randn(n, k, generator=gen)
-        costs = torch.tensor([0.25, 0.5, 0.78, 1.04], dtype=torch.float64)[:k] * 1e8
-        return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n), costs=costs, full_cost=1e8,
-                          meta={"model": "synthetic", "split": split, "seed": seed})
-
-    gen = torch.Generator().manual_seed(seed)
-    return draw(n_cal, gen, "cal"), draw(n_test, gen, "test")
+    gen = torch.Generator().manual_seed(seed)  # cal, then test, from one stream
+    costs = torch.tensor([0.25, 0.5, 0.78, 1.04], dtype=torch.float64)[:k] * 1e8
+    shape = dict(scale=1.0, boost=(1.5, 4.0), difficulty=True, costs=costs, full_cost=1e8)
+    cal = random_record(n_cal, k, c, gen, meta={"model": "synthetic", "split": "cal", "seed": seed}, **shape)
+    test = random_record(n_test, k, c, gen, meta={"model": "synthetic", "split": "test", "seed": seed}, **shape)
+    return cal, test
 
 
 def summarise(values: list[float]) -> str:

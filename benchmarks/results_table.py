@@ -14,6 +14,7 @@ import math
 import pandas as pd
 
 from eelab import POLICIES, load_record, workbench
+from eelab.sweep import precompute_grids
 
 
 def pct(value: float, signed: bool = False, digits: int = 1) -> str:
@@ -41,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     cal, test = load_record(args.cal), load_record(args.test)
     names = [name.strip() for name in args.policies.split(",") if name.strip()]
-    grids = workbench.precompute_grids(names, cal, test, cache=args.cache)
+    grids = precompute_grids(names, cal, test, cache=args.cache)
     target = workbench.target_accuracy(cal, args.tolerance)
     matched = workbench.operating_points(grids, accuracy=target)
     exits = workbench.exit_table(cal, test)

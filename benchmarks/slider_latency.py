@@ -15,22 +15,19 @@ import time
 
 import torch
 
-from eelab import widgets, workbench
+from eelab import testing, widgets
 from eelab.records import ExitRecord, load_record
-from eelab.widgets import _trace
+from eelab.sweep import precompute_grid, precompute_grids
+from eelab.records import latency_record, load_records
 
 BUDGET_MS = 100.0
 
 
 def random_record(n: int, seed: int, k: int = 4, c: int = 10) -> ExitRecord:
     """A record whose later exits are more often right: logits [n, k, c], costs rising to 1.05 of the plain net."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 2 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.5, 3.0, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.05, k, dtype=torch.float64) * 2e8, full_cost=2e8,
-                      meta={"checkpoint_sha256": "0" * 64, "class_names": [f"class {i}" for i in range(c)]})
+    return testing.random_record(n, k, c, seed, scale=2.0, boost=(0.5, 3.0), full_cost=2e8,
+                                 costs=torch.linspace(0.3, 1.05, k, dtype=torch.float64) * 2e8, sha="0" * 64,
+                                 meta={"class_names": [f"class {i}" for i in range(c)]})
 
 
 def time_moves(control, values: list, check) -> list[float]:
@@ -68,7 +65,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        cal, test = workbench.load_records(args.checkpoint)
+        cal, test = load_records(args.checkpoint)
         source = args.checkpoint
     elif args.cal and args.test:
         cal, test, source = load_record(args.cal), load_record(args.test), f"{args.cal}, {args.test}"
@@ -76,19 +73,19 @@ def main() -> None:
         cal, test, source = random_record(5000, 0), random_record(10_000, 1), "random records"
     # a made-up timing profile (ms proportional to MACs) is enough to time the toggle
     profile = {"stages": [{"cumulative_ms": float(c) / 1e8} for c in test.costs], "plain_ms": test.full_cost / 1e8}
-    latency = workbench.latency_record(test, profile)
+    latency = latency_record(test, profile)
 
     start = time.perf_counter()
-    threshold = workbench.precompute_grid("threshold", cal, test, latency=latency)
-    risk = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
+    threshold = precompute_grid("threshold", cal, test, latency=latency)
+    risk = precompute_grid("risk", cal, test, {"epsilon": [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
                                                           "delta": [0.05, 0.1, 0.2]})
-    grids = workbench.precompute_grids(["static", "patience", "budget", "oracle"], cal, test, latency=latency)
+    grids = precompute_grids(["static", "patience", "budget", "oracle"], cal, test, latency=latency)
     grids["threshold"] = threshold
     precompute = time.perf_counter() - start
 
     start = time.perf_counter()
-    alpha = workbench.precompute_grid("alpha", cal, test, name="alpha")
-    dqn = workbench.precompute_grid("dqn", cal, test, [{"cost_weight": w, "steps": args.dqn_steps}
+    alpha = precompute_grid("alpha", cal, test, name="alpha")
+    dqn = precompute_grid("dqn", cal, test, [{"cost_weight": w, "steps": args.dqn_steps}
                                                        for w in (0.0, 0.05, 0.15, 0.3, 0.45, 0.6, 0.8, 1.1, 1.5)])
     learned = time.perf_counter() - start
 
@@ -98,7 +95,8 @@ def main() -> None:
     def check_on(grid, name, param):
         def check(value):
             row = grid.table.loc[grid.find(**{param: value})]
-            assert _trace(panel.frontier, f"{name} (selected)").x == (row["rel_macs"],)
+            selected = next(t for t in panel.frontier.data if t.name == f"{name} (selected)")
+            assert selected.x == (row["rel_macs"],)
         return check
 
     for name, grid, param in (("alpha", alpha, "alpha"), ("threshold", threshold, "threshold")):

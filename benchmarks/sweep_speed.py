@@ -13,20 +13,18 @@ import time
 
 import torch
 
-from eelab.metrics import evaluate, sweep
+from eelab.metrics import evaluate
 from eelab.policies import ThresholdPolicy
 from eelab.records import ExitRecord
+from eelab.testing import random_record
+from eelab.sweep import sweep
 
 
 def make_record(n: int = 10_000, k: int = 4, c: int = 10, seed: int = 0) -> ExitRecord:
     """A random record whose later exits are more often right: logits [n, k, c], costs rising to 1.05."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 2 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.5, 3.0, k)
-    costs = torch.linspace(0.3, 1.05, k, dtype=torch.float64) * 1e8
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n), costs=costs, full_cost=1e8,
-                      meta={"model": "random", "seed": seed})
+    return random_record(n, k, c, seed, scale=2.0, boost=(0.5, 3.0), full_cost=1e8,
+                         costs=torch.linspace(0.3, 1.05, k, dtype=torch.float64) * 1e8,
+                         meta={"model": "random", "seed": seed})
 
 
 def time_ms(fn, repeats: int) -> float:

@@ -14,10 +14,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from eelab.models import ModelConfig, build_model
-from eelab.training import TrainConfig, choose_precision, cpu_bf16_flags, default_device, multi_exit_loss, train_step
+from eelab.training import (PRECISIONS, TrainConfig, WithConfidences, choose_precision, cpu_bf16_flags, default_device,
+                            multi_exit_loss, train_step)
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precision", default="auto", help="eelab's precision: auto (what `eelab train` uses), bf16, fp32")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="eelab's precision: auto (what `eelab train` uses), bf16, fp32")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -37,11 +38,10 @@ def main() -> None:
     images = torch.randint(0, 256, (a.batch, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (a.batch,))
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    dtype, channels_last = choose_precision(a.precision, device)
+    dtype = choose_precision(a.precision, device)
 
-    eelab_model = build_model(cfg.model).to(device)
-    if channels_last:
-        eelab_model.to(memory_format=torch.channels_last)
+    eelab_model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    eelab_net = WithConfidences(eelab_model)  # what train_step calls: logits and confidences in one pass
     plain_model = build_model(cfg.model).to(device)
     w = torch.ones(eelab_model.num_exits, device=device)
     opt_e = torch.optim.SGD(eelab_model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -51,8 +51,7 @@ def main() -> None:
 
     def eelab_round() -> None:
         for _ in range(a.steps):
-            train_step(eelab_model, opt_e, images, labels, w, cfg, mean, std, gen, device, dtype, channels_last,
-                       scaler)
+            train_step(eelab_net, opt_e, images, labels, w, cfg, mean, std, gen, device, dtype, scaler)
 
     def plain_round() -> None:
         # the textbook loop: fp32, NCHW, same augmentation-free input, same multi-exit loss
@@ -82,9 +81,9 @@ def main() -> None:
     prec = "fp32" if dtype is None else str(dtype).replace("torch.", "")
     print(f"device {device} | native bf16: {','.join(cpu_bf16_flags()) or 'none'} | "
           f"threads {torch.get_num_threads()} | model {a.model} | batch {a.batch}")
-    print(f"eelab step ({prec}, channels_last={channels_last}): {e:8.1f} images/s  "
+    print(f"{f'eelab step ({prec}, channels_last):':38s}{e:8.1f} images/s  "
           f"(rounds: {', '.join(f'{r:.0f}' for r in e_rates)})")
-    print(f"plain fp32 NCHW loop:                 {p:8.1f} images/s  "
+    print(f"{'plain fp32 NCHW loop:':38s}{p:8.1f} images/s  "
           f"(rounds: {', '.join(f'{r:.0f}' for r in p_rates)})")
     print(f"ratio eelab / plain: {e / p:.2f}")
 

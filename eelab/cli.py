@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import types
+import typing
+from dataclasses import MISSING, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,117 +27,123 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def _shared(*args: str, **kw: Any) -> argparse.ArgumentParser:
+    """A parent parser (argparse parents=) holding one flag that several subcommands share."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(*args, **kw)
+    return p
+
+
+_THREADS = _shared("--threads", type=int, metavar="N", help="torch CPU threads")
+_JSON = _shared("--json", action="store_true", help="print the result as JSON on stdout")
+_QUIET = _shared("--quiet", action="store_true", help="no progress bars")
+_CAL = _shared("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
+
+
+def _subcommand(sub: Any, run: Callable[[argparse.Namespace], int],
+                *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The subcommand `run` implements (_run_NAME): its --help from run's docstring (first line, then the rest)."""
+    summary, _, details = (run.__doc__ or "").partition("\n\n")
+    p = sub.add_parser(run.__name__.removeprefix("_run_"), parents=list(parents), help=summary.strip(),
+                       description=" ".join(details.split()) or summary.strip())
+    p.set_defaults(run=run)
+    return p
+
+
+def _policy_names() -> str:
+    from .policies import POLICIES
+
+    return ", ".join(POLICIES)
+
+
 # ----------------------------------------------------------------------------- train
 
-_TRAIN_OPTIONS = {  # CLI option -> TrainConfig field (None: a ModelConfig field)
-    "dataset": "dataset", "epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-    "weight_decay": "weight_decay", "schedule": "schedule", "label_smoothing": "label_smoothing",
-    "loss_weights": "loss_weights", "distill": "distill", "distill_temperature": "distill_temperature",
-    "heads_only": "heads_only", "init": "init", "train_samples": "train_samples", "cal_size": "cal_size",
-    "augment": "augment", "precision": "precision", "seed": "seed", "image_size": "image_size", "plain": "plain",
-    "objective": "objective", "cost_weight": "cost_weight",
-}
-_MODEL_OPTIONS = {"model": "name", "head": "head", "head_hidden": "head_hidden", "dropout": "dropout",
-                  "widths": "widths", "exits_after": "exits_after", "exits_schedule": "exits_schedule",
-                  "num_exits": "num_exits"}
-
-
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a multi-exit network into a checkpoint directory",
-                       description="Train all exits jointly (or heads only on a frozen backbone, or the plain "
-                                   "network only); a checkpoint is written after every epoch, --resume continues an "
-                                   "interrupted run. CEED's two steps: --plain --out A, then --heads-only --init A "
-                                   "--loss-weights 1,..,1,0 --out B. Under torchrun it trains with "
-                                   "DistributedDataParallel (--batch-size is the global batch).")
-    p.add_argument("--model", help="factory name: ee_cnn (default), ee_resnet18, tiny_cnn, or a torchvision "
-                                   "classifier (resnet18..152, vgg11..19[_bn], densenet121..201, mobilenet_v2)")
-    p.add_argument("--dataset", help="cifar10-jpeg (default), cifar10, cifar100, svhn, mnist, fashion-mnist, "
-                                     "imagenette or folder:PATH")
-    p.add_argument("--epochs", type=int, help="default 30")
+    from .training import train_options
+
+    p = _subcommand(sub, _run_train, _THREADS, _QUIET, _JSON)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1 sgd, 2e-3 adamw)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["onecycle", "cosine"])
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--loss-weights", type=_floats, help="per-exit loss weights, e.g. 0.5,0.7,0.9,1")
-    p.add_argument("--distill", type=float, help="weight of distilling the last exit into earlier ones")
-    p.add_argument("--distill-temperature", type=float)
-    p.add_argument("--heads-only", action="store_true", default=None, help="freeze the backbone (needs --init)")
-    p.add_argument("--plain", action="store_true", default=None,
-                   help="train only the plain network (backbone and last exit); the other heads stay untouched")
-    p.add_argument("--init", help="checkpoint directory to start from")
-    p.add_argument("--objective", choices=["joint", "eenet"],
-                   help="joint: weighted cross-entropy per exit (default); eenet: EENets confidence branches "
-                        "trained with cost (records then carry confidences; policy `confidence`)")
-    p.add_argument("--cost-weight", type=float, metavar="LAMBDA", help="eenet: weight of the expected cost")
-    p.add_argument("--train-samples", type=int, help="train on a seeded subset of N images")
-    p.add_argument("--cal-size", type=int, help="images held out of train for calibration (default 5000)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--head", choices=["linear", "mlp", "conv"], help="exit head design (default mlp)")
-    p.add_argument("--head-hidden", type=int)
-    p.add_argument("--dropout", type=float)
-
-    def ints(text: str) -> tuple[int, ...]:
-        values = _floats(text)
-        if any(v != int(v) or v < 1 for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated positive whole numbers, got {text!r}")
-        return tuple(int(v) for v in values)
-
-    p.add_argument("--widths", type=ints,
-                   help="stage widths of ee_cnn / ee_resnet18 / tiny_cnn, e.g. 64,128,256,512")
-    p.add_argument("--exits-after", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
-                   help="torchvision backbones: layers to put an exit after, e.g. layer1,layer2,layer3 (ResNet) or "
-                        "features.5,features.10 (VGG, DenseNet, MobileNetV2); the original classifier is the last")
-    p.add_argument("--exits-schedule", choices=["even", "pareto", "golden", "fine"],
-                   help="torchvision backbones: place exits where cumulative MACs cross this schedule (EENets)")
-    p.add_argument("--num-exits", type=int, help="with --exits-schedule: K, the last exit included (default 4)")
-    p.add_argument("--image-size", type=int, help="resize images to this square size (imagenette default 64)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; an "
+                                                         "option given must equal the run's")
     p.add_argument("--half-weights", action="store_true", help="store model.pt in fp16 (evaluation stays fp32)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.set_defaults(run=_run_train)
+    group = p.add_argument_group("run options", "fields of TrainConfig and its ModelConfig (eelab.training, "
+                                                "eelab.models); those not given keep their defaults, or on "
+                                                "--resume the run's values")
+    for o in train_options():
+        group.add_argument(o.flag, dest=_dest(o), default=None, **_option_kwargs(o))
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _dest(o) -> str:
+    """Namespace attribute of a run option: its flag's name (a --no- switch: the field's name)."""
+    return o.field.name if o.flag.startswith("--no-") else o.flag[2:].replace("-", "_")
+
+
+def _option_kwargs(o) -> dict[str, Any]:
+    """argparse keywords of a run option, from its dataclass field: parser, metavar, help with the default."""
+    f = o.field
+    default = f.default if f.default is not MISSING else f.default_factory()
+    text = f.metadata.get("help", "")
+    if o.kind is bool:  # a switch that flips the default
+        return {"action": "store_false" if default else "store_true",
+                "help": f"turn off: {text}" if default else text}
+    choices = f.metadata.get("choices")
+    metavar = f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices else None)
+    shown = "" if default is None else f" (default: {_show(default)})"
+    return {"type": _parse_as(o.kind), "metavar": metavar, "help": (text + shown).replace("%", "%%")}
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _parse_as(kind: Any) -> Callable[[str], Any]:
+    """argparse type of a field type: int, float or str, or comma-separated values for tuple[T, ...]; T | None
+    as T."""
+    if isinstance(kind, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if typing.get_origin(kind) is tuple:
+        return functools.partial(_items, typing.get_args(kind)[0])
+    return kind
+
+
+def _items(item: type, text: str) -> tuple:
+    """Comma-separated values of one type: 0.5,1 (floats), 64,128 (positive whole numbers), layer1,layer2."""
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(item(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = None
+    if values is None or (item is int and any(v < 1 for v in values)):
+        what = {float: "numbers", int: "positive whole numbers"}.get(item, "names")
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return values
+
+
+_EXIT_PLACEMENT = ("exits_after", "exits_schedule", "num_exits")
 
 
 def _run_train(a: argparse.Namespace) -> int:
-    from dataclasses import replace
+    """train a multi-exit network into a checkpoint directory
 
-    from .training import TrainConfig, read_checkpoint_config, train
+    Train all exits jointly (or heads only on a frozen backbone, or the plain network only); a checkpoint is
+    written after every epoch, --resume continues an interrupted run. CEED's two steps: --plain --out A, then
+    --heads-only --init A --loss-weights 1,..,1,0 --out B. Under torchrun it trains with DistributedDataParallel
+    (--batch-size is the global batch).
+    """
+    from .checkpoint import read_checkpoint_config, read_history
+    from .training import TrainConfig, train, train_options
 
-    given_train = {f: getattr(a, o) for o, f in _TRAIN_OPTIONS.items() if getattr(a, o) is not None}
-    given_model = {f: getattr(a, o) for o, f in _MODEL_OPTIONS.items() if getattr(a, o) is not None}
-    if a.exits_after is not None and (a.exits_schedule is not None or a.num_exits is not None):
-        raise EelabError("--exits-after names the exits itself; drop --exits-schedule/--num-exits, or drop "
-                         "--exits-after to let the schedule place them")
-    if a.resume:
-        cfg = TrainConfig.from_dict(read_checkpoint_config(a.out)["train"])
-        asked = replace(cfg, model=replace(cfg.model, **given_model), **given_train)
-        if asked != cfg:
-            changed = sorted(k for k in {**given_train, **given_model}
-                             if getattr(asked, k, None) != getattr(cfg, k, None)
-                             or getattr(asked.model, k, None) != getattr(cfg.model, k, None))
-            raise EelabError(f"--resume continues the run in {a.out} as it was configured; drop the changed "
-                             f"option(s) {', '.join(changed) or '(model options)'} or train into a new --out")
-    else:
-        base = TrainConfig()
-        cfg = replace(base, model=replace(base.model, **given_model), **given_train)
+    # the asked config: defaults (or, on --resume, the run's saved config) with the given options replaced;
+    # train() refuses a resume whose asked config differs from the saved one
+    given = [(o, getattr(a, _dest(o))) for o in train_options() if getattr(a, _dest(o)) is not None]
+    base = TrainConfig.from_dict(read_checkpoint_config(a.out)["train"]) if a.resume else TrainConfig()
+    model = {o.field.name: v for o, v in given if o.in_model}
+    if model.keys() & set(_EXIT_PLACEMENT):  # exits are placed by one of these; a saved run holds them placed
+        model = {**dict.fromkeys(_EXIT_PLACEMENT), **model}
+    cfg = replace(base, model=replace(base.model, **model), **{o.field.name: v for o, v in given if not o.in_model})
     out = train(cfg, a.out, resume=a.resume, progress=not a.quiet, half_weights=a.half_weights)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 alone reports
     if a.json:
-        from .training import read_history
         conf = read_checkpoint_config(out)
         _print_json({"out": str(out), "history": read_history(out), "costs": conf["costs"],
                      "full_cost": conf["full_cost"]})
@@ -145,21 +155,20 @@ def _run_train(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- record
 
 def _add_record(sub) -> None:
-    p = sub.add_parser("record", help="run a checkpoint once over a split and write its exit record",
-                       description="One forward pass over the cal or test split; writes every exit's logits "
-                                   "and costs (an ExitRecord) atomically.")
+    p = _subcommand(sub, _run_record, _THREADS, _QUIET, _JSON)
     p.add_argument("checkpoint", help="checkpoint directory (eelab train --out)")
     p.add_argument("--split", required=True, choices=["cal", "test"])
     p.add_argument("--out", required=True, help="record file to write (e.g. test.pt)")
     p.add_argument("--limit", type=int, help="only a seeded random subset of N samples of the split (in index order)")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_run_record)
 
 
 def _run_record(a: argparse.Namespace) -> int:
+    """run a checkpoint once over a split and write its exit record
+
+    One forward pass over the cal or test split; writes every exit's logits and costs (an ExitRecord)
+    atomically.
+    """
     from .records import record_checkpoint
 
     rec = record_checkpoint(a.checkpoint, a.split, limit=a.limit, batch_size=a.batch_size, progress=not a.quiet)
@@ -178,30 +187,18 @@ def _run_record(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- evaluate, sweep
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="decide exits on a record with a policy and report accuracy and cost",
-                       description="Fit the policy on the cal record (where it learns anything), decide on "
-                                   "RECORD, and report accuracy, compute saved, exit fractions and more.")
+    p = _subcommand(sub, _run_evaluate, _CAL, _JSON)
     p.add_argument("record", help="exit record to evaluate on (eelab record ... --split test)")
-    p.add_argument("--policy", required=True, help="policy name (static, threshold, patience, budget, risk, "
-                                                    "oracle, alpha, dqn, confidence) or a saved policy file")
+    p.add_argument("--policy", required=True, help=f"policy name ({_policy_names()}) or a saved policy file")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable, e.g. --param threshold=0.9 --param score=entropy")
-    p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
     p.add_argument("--save-policy", metavar="FILE", help="write the fitted policy to FILE")
-    p.add_argument("--json", action="store_true", help="print every metric as JSON on stdout")
-    p.set_defaults(run=_run_evaluate)
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="a policy's accuracy-vs-compute frontier over its default grid",
-                       description="Fit the policy on the cal record at every point of its default grid, score "
-                                   "each on RECORD, and report the Pareto front and the area under it.")
+    p = _subcommand(sub, _run_sweep, _CAL, _JSON)
     p.add_argument("record", help="exit record to score on (eelab record ... --split test)")
-    p.add_argument("--policy", required=True, help="policy name: static, threshold, patience, budget, risk, oracle, "
-                                                    "alpha, dqn, confidence")
-    p.add_argument("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
-    p.add_argument("--json", action="store_true", help="print every grid point as JSON on stdout")
-    p.set_defaults(run=_run_sweep)
+    p.add_argument("--policy", required=True, help=f"policy name: {_policy_names()}")
 
 
 def _policy_params(pairs: list[str]) -> dict[str, str]:
@@ -231,6 +228,11 @@ def _load_cal(record_path: str, cal_path: str | None, record):
 
 
 def _run_evaluate(a: argparse.Namespace) -> int:
+    """decide exits on a record with a policy and report accuracy and cost
+
+    Fit the policy on the cal record (where it learns anything), decide on RECORD, and report accuracy, compute
+    saved, exit fractions and more.
+    """
     from .metrics import evaluate
     from .policies import POLICIES, make_policy
     from .records import load_record
@@ -278,9 +280,15 @@ def _run_evaluate(a: argparse.Namespace) -> int:
 
 
 def _run_sweep(a: argparse.Namespace) -> int:
-    from .metrics import area_under_frontier, frontier_range, oracle_frontier, pareto_front, sweep
+    """a policy's accuracy-vs-compute frontier over its default grid
+
+    Fit the policy on the cal record at every point of its default grid, score each on RECORD, and report the
+    Pareto front and the area under it.
+    """
+    from .metrics import area_under_frontier, frontier_range, oracle_frontier, pareto_front
     from .policies import POLICIES
     from .records import load_record
+    from .sweep import sweep
 
     if a.policy not in POLICIES:
         raise EelabError(f"sweep needs a policy name, one of {', '.join(POLICIES)}; got {a.policy!r}")
@@ -324,25 +332,25 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- predict, bench, profile
 
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", help="policy name or saved policy file (default: threshold, max-prob >= 0.9); "
-                                    "a name that must be fitted is fitted on cal.pt in the checkpoint directory")
+    p.add_argument("--policy", help=f"policy name ({_policy_names()}) or saved policy file (default: threshold, "
+                                    "max-prob >= 0.9); a name that must be fitted is fitted on cal.pt in the "
+                                    "checkpoint directory")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, repeatable")
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="classify image files with true early exit",
-                       description="Each image runs stage by stage and stops at the exit its policy picks; no "
-                                   "later stage is computed. Images of any size or mode are converted as the "
-                                   "model's config says.")
+    p = _subcommand(sub, _run_predict, _THREADS, _JSON)
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("images", nargs="+", help="image files")
     _add_policy_options(p)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_run_predict)
 
 
 def _run_predict(a: argparse.Namespace) -> int:
+    """classify image files with true early exit
+
+    Each image runs stage by stage and stops at the exit its policy picks; no later stage is computed. Images of
+    any size or mode are converted as the model's config says.
+    """
     from .inference import EarlyExitPredictor
 
     pred = EarlyExitPredictor.from_checkpoint(a.checkpoint, a.policy, _policy_params(a.param))
@@ -357,22 +365,21 @@ def _run_predict(a: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="wall clock of early exit against the plain network",
-                       description="Latency per image at batch 1 and throughput at a large batch on the test "
-                                   "split, plain network (last exit only) and early exit in alternating rounds "
-                                   "(median), with the saving MACs predict beside the measured one.")
+    p = _subcommand(sub, _run_bench, _THREADS, _JSON)
     p.add_argument("checkpoint", help="checkpoint directory")
     _add_policy_options(p)
     p.add_argument("--images", type=int, default=200, help="test images timed at batch 1 (default 200)")
     p.add_argument("--batch", type=int, default=256, help="batch size for throughput (default 256)")
     p.add_argument("--batch-images", type=int, default=2048, help="test images timed at --batch (default 2048)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds, median reported (>= 1)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_run_bench)
 
 
 def _run_bench(a: argparse.Namespace) -> int:
+    """wall clock of early exit against the plain network
+
+    Latency per image at batch 1 and throughput at a large batch on the test split, plain network (last exit
+    only) and early exit in alternating rounds (median), with the saving MACs predict beside the measured one.
+    """
     from .inference import benchmark_inference
 
     if a.rounds < 1 or a.images < 1 or a.batch < 1 or a.batch_images < 1:
@@ -392,18 +399,18 @@ def _run_bench(a: argparse.Namespace) -> int:
 
 
 def _add_profile(sub) -> None:
-    p = sub.add_parser("profile", help="time, MACs and activation size of every stage and head",
-                       description="Per stage and per head: median time, MACs, and the size of the activation "
-                                   "leaving the stage (what an edge/cloud split there would send).")
+    p = _subcommand(sub, _run_profile, _THREADS, _JSON)
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_run_profile)
 
 
 def _run_profile(a: argparse.Namespace) -> int:
+    """time, MACs and activation size of every stage and head
+
+    Per stage and per head: median time, MACs, and the size of the activation leaving the stage (what an
+    edge/cloud split there would send).
+    """
     from .inference import profile_checkpoint
 
     if a.batch < 1 or a.rounds < 1:

@@ -9,17 +9,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .checkpoint import load_checkpoint
 from .data import load_dataset, load_image, prepare
 from .errors import EelabError
-from .models import MultiExitNet
-from .policies import Policy, charged_costs, make_policy, run_policy
-from .policies.base import _check_stop
+from .files import sha256_file
+from .metrics import charged_costs
+from .models import MultiExitNet, count_macs
+from .policies import Policy, make_policy, run_policy
 from .records import load_record
-from .training import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | 
     pol = make_policy(policy if policy is not None else "threshold", **(params or {}))
     fitted_on = pol.info.get("checkpoint_sha256")
     if fitted_on and checkpoint is not None and (Path(checkpoint) / "model.pt").is_file():
-        from .files import sha256_file
         ours = sha256_file(Path(checkpoint) / "model.pt")
         if fitted_on != ours:
             raise EelabError(f"policy file {policy} was fitted on checkpoint {fitted_on[:12]}, not on {checkpoint} "
@@ -82,6 +82,7 @@ class EarlyExitPredictor:
                                    policy.overhead_macs(model.num_exits, len(config["class_names"])))
         self.class_names: list[str] = list(config["class_names"])
         policy.check_exits(model.num_exits)
+        self._checked = policy
         if "confidences" in policy.INPUTS and not model.has_confidence:
             raise EelabError(f"policy {policy.name} reads learned confidences, and this checkpoint has no confidence "
                              "branches; train one with `eelab train --objective eenet`")
@@ -96,41 +97,32 @@ class EarlyExitPredictor:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Early-exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B]."""
-        x = prepare(images.to(self.device), self.config["mean"], self.config["std"])
-        if x.shape[0] == 1:
-            return self._predict_one(x)
-        live = {"rows": torch.arange(x.shape[0]), "h": x}
+        """Early-exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B].
 
-        def fetch(k: int, rows: torch.Tensor) -> torch.Tensor:
-            # rows only ever shrink: keep the activations of the survivors, then run stage k on them alone
-            if rows.numel() != live["rows"].numel():
+        run_policy drives the live stages: stage k runs only on the rows it asks for, which shrink as samples
+        stop (at batch 1 nothing is gathered: the image runs on until it stops).
+        """
+        x = prepare(images.to(self.device), self.config["mean"], self.config["std"])
+        live = {"rows": None, "h": x}
+        wants_confidence = "confidences" in self.policy.INPUTS
+
+        def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # rows only ever shrink, and stay the same object while nobody stops: gather survivors only then
+            if live["rows"] is not None and rows.numel() != live["rows"].numel():
                 keep = torch.isin(live["rows"], rows)
-                live["h"], live["rows"] = live["h"][keep.to(live["h"].device)], live["rows"][keep]
+                live["h"] = live["h"][keep.to(live["h"].device)]
+            live["rows"] = rows
             live["h"] = self.model.forward_stage(k, live["h"])
             logits = self.model.forward_head(k, live["h"]).float().cpu()
-            if "confidences" in self.policy.INPUTS:  # a learned confidence branch, computed here like a head
+            if wants_confidence:  # a learned confidence branch, computed here like a head
                 return logits, {"confidences": self.model.forward_confidence(k, live["h"]).cpu()}
             return logits
 
-        exits, logits = run_policy(self.policy, self.model.num_exits, fetch, x.shape[0], keep_logits=True)
-        return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
-
-    def _predict_one(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One image: the same step loop as run_policy without its row bookkeeping (nothing to shrink at batch
-        1), so the time early exit saves is not spent again in Python between stages."""
-        k_last, state, h = self.model.num_exits - 1, None, x
-        wants_confidence = "confidences" in self.policy.INPUTS
-        for k in range(k_last + 1):
-            h = self.model.forward_stage(k, h)
-            logits = self.model.forward_head(k, h).float().cpu()
-            if k == k_last:
-                break
-            inputs = {"confidences": self.model.forward_confidence(k, h).cpu()} if wants_confidence else {}
-            stop, state = self.policy.step(k, logits, state, **inputs)
-            if bool(_check_stop(self.policy, stop, 1)[0]):
-                break
-        exits = torch.tensor([k])
+        if self.policy is not self._checked:  # once per policy, not per image (batch-1 latency)
+            self.policy.check_exits(self.model.num_exits)
+            self._checked = self.policy
+        exits, logits = run_policy(self.policy, self.model.num_exits, fetch, x.shape[0], keep_logits=True,
+                                   checked=True)
         return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
 
     def predict_files(self, paths: list[str | Path]) -> list[Prediction]:
@@ -146,8 +138,8 @@ class EarlyExitPredictor:
 
 # ----------------------------------------------------------------------------- wall clock
 
-def _median_time(fn, rounds: int, warmup: int = 0) -> list[float]:
-    """Wall-clock seconds of `rounds` calls of fn, after `warmup` untimed calls (first-call set-up)."""
+def _median_seconds(fn: Callable[[], Any], rounds: int, warmup: int = 0) -> float:
+    """Median wall-clock seconds of `rounds` calls of fn, after `warmup` untimed calls (first-call set-up)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -155,7 +147,7 @@ def _median_time(fn, rounds: int, warmup: int = 0) -> list[float]:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return times
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -193,10 +185,10 @@ def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | No
     plain_one(), early_one()  # warm-up
     t = {"plain_1": [], "early_1": [], "plain_b": [], "early_b": []}
     for _ in range(rounds):  # alternate, so a change in machine load hits both sides
-        t["plain_1"] += _median_time(plain_one, 1)
-        t["early_1"] += _median_time(early_one, 1)
-        t["plain_b"] += _median_time(plain_batch, 1)
-        t["early_b"] += _median_time(early_batch, 1)
+        t["plain_1"].append(_median_seconds(plain_one, 1))
+        t["early_1"].append(_median_seconds(early_one, 1))
+        t["plain_b"].append(_median_seconds(plain_batch, 1))
+        t["early_b"].append(_median_seconds(early_batch, 1))
     med = {key: statistics.median(v) for key, v in t.items()}
     exits_1 = pred.predict(lat_imgs)["exits"]
     exits_b = pred.predict(thr_imgs)["exits"]
@@ -231,18 +223,15 @@ def profile_checkpoint(checkpoint: str | Path, batch: int = 1, rounds: int = 20)
     sample, as the CEED authors' profiler reports).
     """
     model, cfg = load_checkpoint(checkpoint)
-    from .models import _count_macs
-
     h = torch.randn(batch, *cfg["input_shape"])
     rows = []
     for k in range(model.num_exits):
         stage_in = h
-        stage_times = _median_time(lambda: model.forward_stage(k, stage_in), rounds, warmup=2)
-        stage_macs, h = _count_macs(lambda: model.forward_stage(k, stage_in))
-        head_times = _median_time(lambda: model.forward_head(k, h), rounds, warmup=2)
-        head_macs, _ = _count_macs(lambda: model.forward_head(k, h))
-        rows.append({"exit": k, "stage_ms": 1e3 * statistics.median(stage_times),
-                     "head_ms": 1e3 * statistics.median(head_times), "stage_macs": stage_macs // batch,
+        stage_s = _median_seconds(lambda: model.forward_stage(k, stage_in), rounds, warmup=2)
+        stage_macs, h = count_macs(lambda: model.forward_stage(k, stage_in))
+        head_s = _median_seconds(lambda: model.forward_head(k, h), rounds, warmup=2)
+        head_macs, _ = count_macs(lambda: model.forward_head(k, h))
+        rows.append({"exit": k, "stage_ms": 1e3 * stage_s, "head_ms": 1e3 * head_s, "stage_macs": stage_macs // batch,
                      "head_macs": head_macs // batch, "activation_shape": list(h.shape[1:]),
                      "activation_bytes": int(h[0].numel() * 4)})
     cum = 0.0

@@ -1,10 +1,11 @@
-"""Metrics as pure functions of exit records and exits: evaluate, sweep, frontiers, area, bootstrap.
+"""Metrics as pure functions of exit records and exits: evaluate, frontiers, area, bootstrap, and the blocks
+they are built from (exit values summed at exits, charged costs). No policy is imported here.
 
 Definitions (DESIGN, Data contract), for exits [N] int64 in [0, K):
   accuracy        mean(argmax(logits[i, exits[i]]) == labels[i])                      fraction
   mean_macs       mean(costs[exits])                                                  MACs / sample
                   (costs plus the policy's own decision MACs at exits 0..k where it has any:
-                  policies.charged_costs, Policy.overhead_macs)
+                  charged_costs, Policy.overhead_macs)
   rel_macs        mean_macs / full_cost                                               fraction
   compute_saved   1 - rel_macs  (negative when the heads cost more than early exits save)
   effectiveness   100 * accuracy * compute_saved
@@ -13,18 +14,73 @@ Definitions (DESIGN, Data contract), for exits [N] int64 in [0, K):
 """
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 import torch
 
 from .errors import EelabError
-from .policies import POLICIES, Policy, charged_costs, default_grid, exit_values, oracle_exits, sum_at_exits
-from .records import ExitRecord, check_same_model
+from .records import ExitRecord
 
 SUMMARY = ("accuracy", "mean_macs", "rel_macs", "compute_saved", "effectiveness", "effectiveness_block_index")
+
+
+def charged_costs(costs: torch.Tensor, overhead: torch.Tensor | None = None) -> torch.Tensor:
+    """MACs charged to a sample leaving at exit k: costs[k] plus the policy's overhead at exits 0..k.
+
+    costs [K] (a record's), overhead [K] (Policy.overhead_macs; None: no overhead) -> float64 [K].
+    """
+    costs = costs.double()
+    if overhead is None:
+        return costs
+    overhead = torch.as_tensor(overhead, dtype=torch.float64)
+    if overhead.shape != costs.shape:
+        raise EelabError(f"policy overhead must have one value per exit [{costs.numel()}], got "
+                         f"{tuple(overhead.shape)}; fix the policy's overhead_macs")
+    return costs + overhead.cumsum(0)
+
+
+def exit_values(record: ExitRecord, overhead: torch.Tensor | None = None) -> torch.Tensor:
+    """What each sample contributes at each exit: float64 [N, K, 3] = (prediction right 0/1, MACs, k + 1).
+
+    Summed over samples at their exits these give the counts behind accuracy, mean MACs and the
+    block-index saving (module doc). MACs are charged_costs(record.costs, overhead).
+    """
+    right = _correct(record).double()
+    costs = charged_costs(record.costs, overhead).expand(record.n, -1)
+    block = torch.arange(1, record.k + 1, dtype=torch.float64).expand(record.n, -1)
+    return torch.stack([right, costs, block], dim=-1)
+
+
+def sum_at_exits(values: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of values at their exits: values [N, K, V], exits [T, N] -> [T, V]."""
+    return values[torch.arange(values.shape[0]).unsqueeze(0), exits].sum(dim=1)
+
+
+def sum_at_shared_threshold(scores: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """sum_i values[i, exit_i(t)] for every shared threshold t at once: scores [N, K], values [N, K, V],
+    thresholds [T] -> [T, V], where exit_i(t) is the first k < K-1 with scores[i, k] >= t, else K-1.
+
+    exit_i(t) <= k exactly when the running max M_ik = max_{j<=k} scores[i, j] reaches t, so
+    values[i, exit_i] = values[i, K-1] + sum_{k<K-1} [M_ik >= t] (values[i, k] - values[i, k+1]): one sort
+    of the N (K-1) running maxima and a searchsorted per threshold, instead of a [T, N, K] comparison.
+    """
+    n, k = scores.shape
+    base = values[:, -1].sum(0)
+    if k == 1 or n == 0:
+        return base.expand(thresholds.numel(), -1).clone()
+    keys, order = scores[:, :-1].cummax(dim=1).values.reshape(-1).sort()
+    delta = (values[:, :-1] - values[:, 1:]).reshape(-1, values.shape[-1])[order]
+    suffix = torch.cat([delta.flip(0).cumsum(0).flip(0), torch.zeros_like(delta[:1])])  # sum over keys[j:]
+    first = torch.searchsorted(keys, thresholds.to(keys.dtype).reshape(-1), side="left")  # first key >= t
+    return base + suffix[first]
+
+
+def oracle_exits(record: ExitRecord) -> torch.Tensor:
+    """Earliest exit whose prediction is right, or exit 0 where none is: exits int64 [N]."""
+    # argmax of a 0/1 row returns its first 1, and 0 for an all-zero row: exactly the rule above
+    return _correct(record).to(torch.uint8).argmax(dim=1)
 
 
 def evaluate(record: ExitRecord, exits: torch.Tensor, n_bins: int = 15,
@@ -83,41 +139,6 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     gap = torch.bincount(b, weights=correct.double(), minlength=n_bins) - torch.bincount(
         b, weights=confidence.double(), minlength=n_bins)
     return float(gap.abs().sum() / size.sum())
-
-
-def sweep(policy: str | Callable[..., Policy], cal: ExitRecord, test: ExitRecord,
-          grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
-    """Fit on cal and score on test at every grid point: one row per point.
-
-    policy: a registry name, a Policy class, or any factory(**params) -> Policy. grid: {param: values}
-    (all combinations), a list of parameter dicts, or None for the family's default grid. Columns: the
-    parameters, fitted scalars (e.g. lambda), then accuracy, mean_macs (MACs/sample), rel_macs,
-    compute_saved, effectiveness, effectiveness_block_index (see module doc).
-    """
-    check_same_model(test, cal, "record", "cal record")
-    factory = _factory(policy)
-    if grid is None:
-        if not (isinstance(factory, type) and issubclass(factory, Policy)):
-            raise EelabError("sweep needs a grid for a policy factory; give grid={param: values}")
-        points = factory.grid(cal)
-    elif isinstance(grid, Mapping):
-        keys = list(grid)
-        points = [dict(zip(keys, values)) for values in itertools.product(*(list(grid[key]) for key in keys))]
-    else:
-        points = [dict(point) for point in grid]
-    points = [{key: _plain_value(value) for key, value in point.items()} for point in points]
-    if isinstance(factory, type) and issubclass(factory, Policy):
-        sums, extras = factory._points_sums(points, cal, test)
-    else:
-        fitted = [factory(**point).fit(cal) for point in points]
-        sums = torch.zeros(len(fitted), 3, dtype=torch.float64)
-        for i, p in enumerate(fitted):  # each charged its own decision MACs
-            values = exit_values(test, p.overhead_macs(test.k, test.c))
-            sums[i] = sum_at_exits(values, p.decide(test).unsqueeze(0))[0]
-        extras = [p.summary() for p in fitted]
-    table = {key: value.tolist() for key, value in _from_sums(sums, test).items()}
-    rows = pd.DataFrame([{**point, **extra} for point, extra in zip(points, extras)], index=range(len(points)))
-    return pd.concat([rows, pd.DataFrame(table)], axis=1)
 
 
 def pareto_front(points: pd.DataFrame, x: str = "rel_macs", y: str = "accuracy") -> pd.DataFrame:
@@ -247,11 +268,11 @@ def _correct(record: ExitRecord) -> torch.Tensor:
 def _summaries(record: ExitRecord, exits: torch.Tensor,
                overhead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Headline metrics for T operating points at once: exits [T, N] -> {name: float64 [T]} (module doc)."""
-    return _from_sums(sum_at_exits(exit_values(record, overhead), exits), record)
+    return headline_metrics(sum_at_exits(exit_values(record, overhead), exits), record)
 
 
-def _from_sums(sums: torch.Tensor, record: ExitRecord) -> dict[str, torch.Tensor]:
-    """Headline metrics from sums over samples at their exits [T, 3] (see policies.exit_values)."""
+def headline_metrics(sums: torch.Tensor, record: ExitRecord) -> dict[str, torch.Tensor]:
+    """Headline metrics from sums over samples at their exits [T, 3] (see exit_values)."""
     n = max(record.n, 1)
     accuracy, mean_macs, mean_block = sums[:, 0] / n, sums[:, 1] / n, sums[:, 2] / (n * record.k)
     rel = mean_macs / record.full_cost
@@ -263,23 +284,7 @@ def _resampled(record: ExitRecord, exits: torch.Tensor, idx: torch.Tensor,
                overhead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Headline metrics on bootstrap resamples: idx [B, N] rows of the record -> {name: float64 [B]}."""
     per_sample = exit_values(record, overhead)[torch.arange(record.n), exits]  # [N, 3]
-    return _from_sums(per_sample[idx].sum(dim=1), record)
-
-
-def _factory(policy: str | Callable[..., Policy]) -> Callable[..., Policy]:
-    """A registry name, Policy class or factory, as something callable with parameters."""
-    if isinstance(policy, str):
-        if policy not in POLICIES:
-            raise EelabError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        return POLICIES[policy]
-    if not callable(policy):
-        raise EelabError(f"sweep needs a policy name or factory, got {type(policy).__name__}")
-    return policy
-
-
-def _plain_value(value: Any) -> Any:
-    """A 0-d tensor or numpy number as a Python number, so grid columns hold plain values."""
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
+    return headline_metrics(per_sample[idx].sum(dim=1), record)
 
 
 def _safe(values: torch.Tensor) -> list[float | None]:
@@ -287,5 +292,6 @@ def _safe(values: torch.Tensor) -> list[float | None]:
     return [None if v != v else float(v) for v in values.tolist()]
 
 
-__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "default_grid", "evaluate",
-           "expected_calibration_error", "frontier_range", "oracle_frontier", "pareto_front", "sweep"]
+__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "charged_costs", "evaluate", "exit_values",
+           "expected_calibration_error", "frontier_range", "headline_metrics", "oracle_exits", "oracle_frontier",
+           "pareto_front", "sum_at_exits", "sum_at_shared_threshold"]

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import EelabError
 from .files import load_torch, save_torch
+from .models import MultiExitNet
 
 FORMAT = "eelab.exit_record"
 FORMAT_VERSION = 1
@@ -131,7 +132,7 @@ def collect(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     """Run a multi-exit model once over `images` [N, ch, H, W] uint8 and keep every exit's logits in fp32.
 
     `model(x)` must return logits [B, K, C]; `prepare` turns a uint8 batch into the model's float input.
-    A model with confidence branches returns (logits [B, K, C], confidences [B, K]).
+    A MultiExitNet with confidence branches also fills the record's confidences [N, K].
     """
     was_training = model.training
     model.eval()
@@ -139,9 +140,8 @@ def collect(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     n = images.shape[0]
     for start in tqdm(range(0, n, batch_size), desc="record", unit="batch", disable=not progress, leave=False):
         x = prepare(images[start:start + batch_size].to(device))
-        out = model(x)
-        if isinstance(out, tuple):
-            out, conf = out
+        out, conf = (model.forward_with_confidences(x) if isinstance(model, MultiExitNet) else (model(x), None))
+        if conf is not None:
             confs.append(conf.float().cpu())
         outs.append(out.float().cpu())
     model.train(was_training)
@@ -160,7 +160,7 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
     from .__version__ import __version__
     from .data import load_dataset, prepare, split_train_cal
     from .files import sha256_file
-    from .training import _sha_indices, load_checkpoint
+    from .checkpoint import load_checkpoint, sha_indices
 
     if split not in ("cal", "test"):
         raise EelabError(f"unknown split {split!r}; use cal or test (train is never recorded for evaluation)")
@@ -172,7 +172,7 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
                          f"trained on {cfg['class_names'][:3]}...; point eelab at the dataset it was trained on")
     if split == "cal":
         _, idx = split_train_cal(ds.train_images.shape[0], cfg["cal_size"], cfg["seed"])
-        if _sha_indices(idx) != cfg["cal_indices_sha256"]:
+        if sha_indices(idx) != cfg["cal_indices_sha256"]:
             raise EelabError(f"the cal split of {cfg['dataset']} differs from the one {checkpoint} held out "
                              "(the dataset changed); record with the dataset the checkpoint was trained on")
         images, labels = ds.train_images[idx], ds.train_labels[idx]
@@ -206,3 +206,42 @@ def summarize_records(cal: ExitRecord, test: ExitRecord) -> dict[str, Any]:
             "checkpoint_sha256": test.meta.get("checkpoint_sha256"), "n_cal": cal.n, "n_test": test.n,
             "exit_accuracy_cal": acc(cal), "exit_accuracy_test": acc(test), "costs": test.costs.tolist(),
             "full_cost": test.full_cost, "rel_costs": (test.costs / test.full_cost).tolist()}
+
+
+def load_records(checkpoint: str | Path, limit: int | None = None, seed: int = 0) -> tuple[ExitRecord, ExitRecord]:
+    """(cal, test) records of a checkpoint directory (cal.pt, test.pt).
+
+    limit keeps a seeded random subset of at most `limit` samples of each, in record order (not the first
+    ones: a folder dataset's records are sorted by class).
+    """
+    checkpoint = Path(checkpoint)
+    records = []
+    for split in ("cal", "test"):
+        path = checkpoint / f"{split}.pt"
+        if not path.is_file():
+            raise EelabError(f"{path} does not exist; record it with `eelab record {checkpoint} --split {split} "
+                             f"--out {path}`")
+        record = load_record(path)
+        if limit is not None and limit < record.n:
+            gen = torch.Generator().manual_seed(seed)
+            record = record.subset(torch.randperm(record.n, generator=gen)[:limit].sort().values)
+        records.append(record)
+    check_same_model(records[1], records[0], f"{checkpoint}/test.pt", f"{checkpoint}/cal.pt")
+    return records[0], records[1]
+
+
+def latency_record(record: ExitRecord, profile: Mapping[str, Any]) -> ExitRecord:
+    """The record with measured milliseconds as costs: exit k costs profile's cumulative_ms[k], full_cost plain_ms.
+
+    profile is eelab.profile_checkpoint's dict (per stage: cumulative_ms = stages 0..k plus heads 0..k at its
+    batch size). Metrics of this record read mean_macs as mean ms per sample; a policy's own decision time
+    (e.g. a gate network) is not in it.
+    """
+    stages = profile["stages"]
+    if len(stages) != record.k:
+        raise EelabError(f"the profile has {len(stages)} exits, the record {record.k}; profile the checkpoint the "
+                         f"record came from")
+    ms = torch.tensor([float(s["cumulative_ms"]) for s in stages], dtype=torch.float64)
+    meta = {**record.meta, "cost_unit": "ms", "profile_batch": profile.get("batch"),
+            "profile_threads": profile.get("threads")}
+    return replace(record, costs=ms, full_cost=float(profile["plain_ms"]), meta=meta)

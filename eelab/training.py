@@ -1,7 +1,9 @@
-"""Training loops for multi-exit networks and their checkpoints (atomic, resumable, weights_only loads).
+"""Training multi-exit networks into checkpoint directories (eelab.checkpoint), resumable after every epoch.
 
-A CHECKPOINT is a directory: model.pt (weights), config.json (factory and arguments, dataset, class names,
-normalisation, seed), history.json (per-epoch figures), state.pt (optimizer etc. for resume; git-ignored).
+train() runs named phases: check the device and output, load the data and resolve the config (_load_data;
+on resume, compare with the saved config: _resumed_config), build the model (_build_model), loss weights and
+frozen heads (_loss_weights), optimizer and schedule (_optimizer), restore (_restore), then the epochs
+(_epochs: _train_epoch, _evaluate_exits, _save_epoch).
 
 Under torchrun (RANK and WORLD_SIZE set) training runs DistributedDataParallel, one process per GPU (nccl) or
 CPU process (gloo): every rank draws the same global batch and augmentation and takes its share of it, so the
@@ -9,57 +11,118 @@ update equals a one-process step on the same global batch, up to batch-norm stat
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .__version__ import __version__
-from .data import augment, channel_stats, load_dataset, prepare, split_train_cal
+from .checkpoint import (checkpoint_config, load_checkpoint, load_state, read_checkpoint_config, read_history,
+                         save_checkpoint)
+from .data import DATASETS, augment, channel_stats, load_dataset, prepare, split_train_cal
 from .errors import EelabError
-from .files import load_json, load_torch, save_json, save_torch, sha256_file
 from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
 
-CHECKPOINT_FORMAT = "eelab.checkpoint"
-CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("onecycle", "cosine")
+OBJECTIVES = ("joint", "eenet")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3}
+
+
+def _option(default: Any, help: str, **meta: Any) -> Any:
+    """A config field with a default and its --help text (meta: choices, metavar, flag)."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on; defaults run on a laptop CPU. Stored in config.json."""
+    """Everything a training run depends on; defaults run on a laptop CPU. Stored in config.json.
+
+    Every field but `model` is an `eelab train` option (train_options); so is every ModelConfig field the data
+    does not decide. The config refuses a bad value or combination in one line when it is made.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: str = "cifar10-jpeg"
-    image_size: int | None = None        # folder datasets only: resize to image_size x image_size
-    epochs: int = 30
-    batch_size: int = 128
-    optimizer: str = "sgd"               # sgd (Nesterov momentum) | adamw
-    lr: float | None = None              # peak learning rate; None: 0.1 for sgd, 2e-3 for adamw
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"           # onecycle | cosine
-    label_smoothing: float = 0.1
-    loss_weights: tuple[float, ...] | None = None  # per exit; None: all 1.0
-    distill: float = 0.0                 # weight of distilling the last exit into the earlier ones
-    distill_temperature: float = 3.0
-    heads_only: bool = False             # train heads on a frozen backbone (needs init)
-    plain: bool = False                  # train only the plain network (backbone + last exit): CEED's first step
-    init: str | None = None              # checkpoint directory to start the weights from
-    train_samples: int | None = None     # seeded subset of the train split, for quick runs
-    cal_size: int = 5000
-    augment: bool = True                 # flip and 4-pixel reflect-pad crop, on tensors
-    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
-    seed: int = 0
-    eval_batch_size: int = 500
-    objective: str = "joint"             # joint (weighted CE per exit) | eenet (confidence branches + cost)
-    cost_weight: float = 0.0             # eenet: lambda, the weight of the expected normalised cost
+    dataset: str = _option("cifar10-jpeg", f"{', '.join(DATASETS)} (PATH/train/<class>/*, PATH/test/<class>/*)")
+    image_size: int | None = _option(None, "resize images to this square size (folder datasets; imagenette "
+                                           "default 64)", metavar="PIXELS")
+    epochs: int = _option(30, "passes over the train split")
+    batch_size: int = _option(128, "the global batch, split over the processes under torchrun")
+    optimizer: str = _option("sgd", "sgd: Nesterov momentum 0.9", choices=OPTIMIZERS)
+    lr: float | None = _option(None, "peak learning rate (default " + ", ".join(f"{v:g} for {k}" for k, v in
+                                                                        _DEFAULT_LR.items()) + ")")
+    weight_decay: float = _option(5e-4, "weight decay of the optimizer")
+    schedule: str = _option("onecycle", "learning-rate schedule over all steps", choices=LR_SCHEDULES)
+    label_smoothing: float = _option(0.1, "label smoothing of every exit's cross-entropy")
+    loss_weights: tuple[float, ...] | None = _option(None, "per-exit loss weights, e.g. 0.5,0.7,0.9,1 (default "
+                                                           "all 1)", metavar="W0,W1,...")
+    distill: float = _option(0.0, "weight of distilling the last exit into the earlier ones")
+    distill_temperature: float = _option(3.0, "softmax temperature of the distillation")
+    heads_only: bool = _option(False, "train the heads on a frozen backbone (needs --init)")
+    plain: bool = _option(False, "train only the plain network (backbone and last exit): CEED's first step; the "
+                                 "other heads stay untouched")
+    init: str | None = _option(None, "checkpoint directory to start the weights from", metavar="CHECKPOINT")
+    train_samples: int | None = _option(None, "train on a seeded subset of N images of the train split",
+                                        metavar="N")
+    cal_size: int = _option(5000, "images held out of the train split for calibration")
+    augment: bool = _option(True, "flip and 4-pixel reflect-pad crop, on tensors")
+    precision: str = _option("auto", "auto: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX, AVX512-BF16), "
+                                     "else fp32; fp16 needs CUDA", choices=PRECISIONS)
+    seed: int = _option(0, "seeds the weights, the cal split, the subset, the batches and augmentation")
+    eval_batch_size: int = _option(500, "batch of the per-epoch cal check (watched, never used to select)")
+    objective: str = _option("joint", "joint: weighted cross-entropy per exit; eenet: EENets confidence branches "
+                                      "trained with cost (records then carry confidences; policy confidence)",
+                             choices=OBJECTIVES)
+    cost_weight: float = _option(0.0, "eenet: lambda, the weight of the expected normalised cost",
+                                 metavar="LAMBDA")
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value or combination in one line, when the config is made (CLI, Python or a checkpoint)."""
+        own = {f.name: f for f in fields(self)}
+        for f in own.values():
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise EelabError(f"unknown {f.name.replace('_', ' ')} {getattr(self, f.name)!r}; use one of "
+                                 f"{', '.join(choices)}")
+        ranges = (  # (field, whether its value is sensible, what it must be)
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 2, "at least 2 (batch norm needs two samples)"),
+            ("lr", self.lr is None or self.lr > 0, "above 0"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("loss_weights", self.loss_weights is None or (len(self.loss_weights) > 0
+                                                           and all(w >= 0 for w in self.loss_weights)),
+             "one value of at least 0 per exit"),
+            ("distill", self.distill >= 0, "at least 0"),
+            ("distill_temperature", self.distill_temperature > 0, "above 0"),
+            ("train_samples", self.train_samples is None or self.train_samples >= 1, "at least 1"),
+            ("cal_size", self.cal_size >= 0, "at least 0"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
+            ("cost_weight", self.cost_weight >= 0, "at least 0"),
+        )
+        for name, ok, need in ranges:
+            if not ok:
+                raise EelabError(f"{_flag(own[name])} must be {need}, got {getattr(self, name)}")
+        if self.objective == "eenet" and (self.plain or self.heads_only):
+            raise EelabError("--objective eenet trains exits and confidence branches together; drop "
+                             "--plain/--heads-only")
+        if self.plain and self.heads_only:
+            raise EelabError("--plain trains the backbone and --heads-only freezes it; choose one (CEED: --plain "
+                             "first, then --heads-only --init THAT_CHECKPOINT)")
+        if self.plain and (self.loss_weights is not None or self.distill > 0):
+            raise EelabError("--plain trains the last exit alone; drop --loss-weights and --distill")
+        if self.heads_only and not self.init:
+            raise EelabError("--heads-only trains heads on a trained backbone: pass --init CHECKPOINT")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -80,6 +143,33 @@ class TrainConfig:
         if d.get("loss_weights") is not None:
             d["loss_weights"] = tuple(d["loss_weights"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One user option of a training run: a TrainConfig field (in_model: a ModelConfig field) and its flag."""
+
+    flag: str        # e.g. --lr, --model (ModelConfig.name), --no-augment (a bool that defaults to True)
+    field: Field
+    in_model: bool
+    kind: Any        # the field's type, resolved (e.g. int | None, tuple[float, ...] | None)
+
+
+def _flag(f: Field) -> str:
+    """A config field's CLI flag: its metadata's, else --field-name; a bool defaulting to True: --no-field-name."""
+    flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+    return "--no-" + flag[2:] if f.default is True else flag
+
+
+@cache
+def train_options() -> tuple[Option, ...]:
+    """The options of `eelab train`: ModelConfig then TrainConfig fields, but `model` and what the data decides."""
+    out = []
+    for owner, in_model in ((ModelConfig, True), (TrainConfig, False)):
+        kinds = typing.get_type_hints(owner)
+        out += [Option(_flag(f), f, in_model, kinds[f.name]) for f in fields(owner)
+                if not f.metadata.get("derived") and not (owner is TrainConfig and f.name == "model")]
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -112,25 +202,22 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 
 
 def choose_precision(requested: str, device: torch.device, bf16_flags: list[str] | None = None
-                     ) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, use channels_last) for a requested precision on a device.
+                     ) -> torch.dtype | None:
+    """Autocast dtype (None: fp32) for a precision in PRECISIONS (TrainConfig checked the name) on a device.
 
     auto: fp16 autocast on CUDA; bf16 autocast on a CPU with native bf16 (cpu_bf16_flags: AMX or
     AVX512-BF16); fp32 elsewhere. Measured for an ee_cnn training step, batch 128, 2 threads: on an AMD EPYC
     with AVX512-BF16, bf16 + channels_last 498 images/s against fp32 + channels_last 262; on an AVX-512 Xeon
-    without bf16 instructions bf16 ran at 0.6x of fp32. channels_last is used throughout: in fp32 it measured
+    without bf16 instructions bf16 ran at 0.6x of fp32. Training always uses channels_last: in fp32 it measured
     1.33x (Xeon) and 1.18x (EPYC) faster than NCHW.
     """
-    if requested not in ("auto", "fp32", "bf16", "fp16"):
-        raise EelabError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
     if requested == "fp16" and device.type != "cuda":
         raise EelabError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     if requested == "auto":
         if device.type == "cuda":
-            return torch.float16, True
-        flags = cpu_bf16_flags() if bf16_flags is None else bf16_flags
-        return (torch.bfloat16, True) if flags else (None, True)
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested], True
+            return torch.float16
+        return torch.bfloat16 if (cpu_bf16_flags() if bf16_flags is None else bf16_flags) else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -182,130 +269,35 @@ def eenet_loss(logits: torch.Tensor, confidences: torch.Tensor, labels: torch.Te
     return nll + cost_weight * c_mix.mean()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- one step
 
-def _checkpoint_config(cfg: TrainConfig, ds_name: str, class_names: list[str], input_shape, mean, std,
-                       cal_idx: torch.Tensor, costs: torch.Tensor, full_cost: float) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "eelab_version": __version__,
-            "factory": cfg.model.name, "model": cfg.model.to_dict(), "dataset": ds_name,
-            "class_names": list(class_names), "input_shape": list(input_shape), "mean": mean, "std": std,
-            "seed": cfg.seed, "cal_size": cfg.cal_size, "cal_indices_sha256": _sha_indices(cal_idx),
-            "costs": costs.tolist(), "full_cost": full_cost, "train": cfg.to_dict()}
+class WithConfidences(nn.Module):
+    """forward(x [B, ch, H, W]) -> model.forward_with_confidences(x): (logits [B, K, C], confidences [B, K] or None).
 
+    The module train_step calls: one forward pass gives what either objective needs, and under
+    DistributedDataParallel the wrapper of this module runs it, so gradients are synchronised.
+    """
 
-def _sha_indices(idx: torch.Tensor) -> str:
-    import hashlib
-    return hashlib.sha256(idx.to(torch.int64).numpy().tobytes()).hexdigest()
+    def __init__(self, model: MultiExitNet):
+        super().__init__()
+        self.model = model
 
-
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory, with one-line errors for anything that is not eelab's."""
-    path = Path(path)
-    fix = "give a directory written by `eelab train --out DIR`"
-    if not path.exists():
-        raise EelabError(f"checkpoint {path} does not exist; {fix}")
-    if not path.is_dir():
-        raise EelabError(f"checkpoint {path} is a file, not a checkpoint directory; {fix}")
-    cfg = load_json(path / "config.json", "checkpoint config", fix)
-    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
-        raise EelabError(f"{path} is not an eelab checkpoint (config.json has no eelab format tag); {fix}")
-    if cfg.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise EelabError(f"checkpoint {path} has format version {cfg.get('format_version')}, newer than this "
-                         f"eelab reads ({CHECKPOINT_VERSION}); upgrade eelab")
-    return cfg
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.forward_with_confidences(x)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiExitNet, dict[str, Any]]:
-    """(model in eval mode, fp32, on device; config dict) from a checkpoint directory."""
-    path = Path(path)
-    cfg = read_checkpoint_config(path)
-    model = build_model(ModelConfig.from_dict(cfg["model"]))
-    state = load_torch(path / "model.pt", "checkpoint weights", f"retrain with `eelab train --out {path}`")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EelabError(f"{path / 'model.pt'} does not hold model weights; retrain with `eelab train`")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors, e.g. "
-                  f"{(missing + unexpected + wrong)[0]}")
-        raise EelabError(f"{path / 'model.pt'} holds weights of another architecture than {cfg['factory']!r} "
-                         f"({detail}); use the model.pt trained with this config.json")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return model.to(device).eval(), cfg
-
-
-def _save_checkpoint(out: Path, model: MultiExitNet, ckpt_cfg: dict, history: list[dict], state: dict,
-                     half_weights: bool) -> None:
-    weights = {k: (v.half() if half_weights and v.is_floating_point() else v).detach().cpu().clone()
-               for k, v in model.state_dict().items()}
-    save_json(ckpt_cfg, out / "config.json")
-    save_torch(weights, out / "model.pt")
-    save_json(history, out / "history.json")
-    save_torch(state, out / "state.pt")  # last: resume trusts state.pt, which holds the weights too
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def _train_mode(model: MultiExitNet, heads_only: bool, frozen_heads: Sequence[int] = ()) -> None:
-    model.train()
-    if heads_only:
-        model.stages.eval()  # frozen backbone: batch-norm statistics stay as trained
-    for k in frozen_heads:
-        model.heads[k].eval()  # a frozen head keeps its batch-norm statistics (and skips dropout) too
-
-
-def _world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) without them."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise EelabError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them); unset them to "
-                         "train in one process") from None
-    if not 0 <= rank < world:
-        raise EelabError(f"RANK {rank} is outside WORLD_SIZE {world}; start distributed training with torchrun")
-    return rank, world, local
-
-
-def _barrier(world: int, device: torch.device) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
-
-
-@torch.no_grad()
-def _evaluate_exits(model, images, labels, mean, std, device, dtype, channels_last, batch_size) -> dict[str, Any]:
-    model.eval()
-    correct, loss_sum = None, 0.0
-    for s in range(0, images.shape[0], batch_size):
-        x = prepare(images[s:s + batch_size].to(device), mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, dtype):
-            out = model(x)
-        out = (out[0] if isinstance(out, tuple) else out).float()
-        y = labels[s:s + batch_size].to(device)
-        hit = (out.argmax(-1) == y[:, None]).sum(0).cpu()
-        correct = hit if correct is None else correct + hit
-        loss_sum += float(F.cross_entropy(out[:, -1], y, reduction="sum"))
-    n = images.shape[0]
-    return {"cal_acc": (correct.double() / n).tolist(), "cal_loss_last": loss_sum / n}
-
-
-def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                weights: torch.Tensor, cfg: TrainConfig, mean: list[float], std: list[float],
-               gen: torch.Generator, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
+               gen: torch.Generator, device: torch.device, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler | None = None, shard: tuple[int, int] = (0, 1)) -> float | None:
-    """One optimisation step on a uint8 batch [B, ch, H, W]: augment, normalise, autocast forward, fp32 loss.
+    """One optimisation step on a uint8 batch [B, ch, H, W]: augment, normalise, channels_last autocast forward,
+    fp32 loss.
 
-    shard (rank, world): distributed training; `images` is the whole global batch, augmented here with the same
-    random draws on every rank, of which this rank takes rows [rank B/world, (rank+1) B/world); `model` is the
-    DistributedDataParallel wrapper, which averages gradients. Returns the loss (the mean over ranks), or None
-    (and no update, on every rank) when it is not finite.
+    net: WithConfidences(model), or its DistributedDataParallel wrapper, which averages gradients. shard (rank,
+    world): distributed training; `images` is the whole global batch, augmented here with the same random draws
+    on every rank, of which this rank takes rows [rank B/world, (rank+1) B/world). weights [K]: per-exit loss
+    weights (eenet: the exits' normalised costs). Returns the loss (the mean over ranks), or None (and no
+    update, on every rank) when it is not finite.
     """
     if cfg.augment:
         images = augment(images, gen)
@@ -313,17 +305,13 @@ def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Te
     if world > 1:
         b = images.shape[0] // world
         images, labels = images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b]
-    x = prepare(images.to(device, non_blocking=True), mean, std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = prepare(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=torch.channels_last)
     y = labels.to(device, non_blocking=True)
     with _autocast(device, dtype):
-        out = model(x)
+        logits, conf = net(x)
     if cfg.objective == "eenet":
-        logits, conf = out
-        loss = eenet_loss(logits, conf, y, weights, cfg.cost_weight)  # weights hold the normalised costs here
+        loss = eenet_loss(logits, conf, y, weights, cfg.cost_weight)
     else:
-        logits = out[0] if isinstance(out, tuple) else out
         loss = multi_exit_loss(logits, y, weights, cfg.label_smoothing, cfg.distill, cfg.distill_temperature)
     if world > 1:  # every rank must agree to step or to skip, or the gradient all-reduce would hang
         import torch.distributed as dist
@@ -345,30 +333,50 @@ def train_step(model: MultiExitNet, opt: torch.optim.Optimizer, images: torch.Te
     return value
 
 
-def _validate(cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse a bad option before any data is loaded."""
-    from .models import FACTORIES
+# ----------------------------------------------------------------------------- the run, phase by phase
 
-    if cfg.model.name not in FACTORIES:
-        raise EelabError(f"unknown model {cfg.model.name!r}; choose one of {', '.join(FACTORIES)}")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise EelabError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-    if cfg.schedule not in ("onecycle", "cosine"):
-        raise EelabError(f"unknown schedule {cfg.schedule!r}; use onecycle or cosine")
-    choose_precision(cfg.precision, device)
-    if cfg.objective not in ("joint", "eenet"):
-        raise EelabError(f"unknown objective {cfg.objective!r}; use joint or eenet")
-    if cfg.objective == "eenet" and (cfg.plain or cfg.heads_only):
-        raise EelabError("--objective eenet trains exits and confidence branches together; drop --plain/--heads-only")
-    if cfg.cost_weight < 0:
-        raise EelabError(f"--cost-weight must be at least 0, got {cfg.cost_weight}")
-    if cfg.batch_size < 2:
-        raise EelabError(f"batch size must be at least 2 (batch norm), got {cfg.batch_size}")
-    if cfg.plain and cfg.heads_only:
-        raise EelabError("--plain trains the backbone and --heads-only freezes it; choose one (CEED: --plain first, "
-                         "then --heads-only --init THAT_CHECKPOINT)")
-    if cfg.plain and (cfg.loss_weights is not None or cfg.distill > 0):
-        raise EelabError("--plain trains the last exit alone; drop --loss-weights and --distill")
+@dataclass(frozen=True)
+class _Run:
+    """Where and how this process trains: output directory, device, its rank of world, what it reports."""
+
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    progress: bool
+    callback: Callable[[dict], None] | None
+    half_weights: bool
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A run's images: uint8 [N, ch, H, W] with labels [N] for train and cal, and what the checkpoint records."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_cal: torch.Tensor
+    y_cal: torch.Tensor
+    cal_idx: torch.Tensor            # [N_cal] indices of cal in the train split
+    mean: list[float]                # per-channel normalisation, from the training images
+    std: list[float]
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What the epochs drive: the model, its optimizer and schedule, loss weights, generator, precision."""
+
+    model: MultiExitNet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    weights: torch.Tensor            # [K] per-exit loss weights (eenet: normalised exit costs)
+    frozen: list[int]                # heads no loss reaches
+    gen: torch.Generator             # batches and augmentation
+    dtype: torch.dtype | None        # autocast dtype, None: fp32
+    scaler: torch.amp.GradScaler | None
+    batch: int                       # images per step (the global batch)
+    steps: int                       # steps per epoch
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -376,19 +384,23 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
           device: str | torch.device | None = None) -> Path:
     """Train all exits jointly (or heads only, or the plain network only) and write a checkpoint after every epoch.
 
-    callback(row) is called after each epoch's checkpoint is written (row = that epoch's history entry);
-    resume=True continues from out/state.pt with the config stored there. Returns `out`.
+    callback(row) is called after each epoch's checkpoint is written (row = that epoch's history entry).
+    resume=True continues the run in `out` from its last epoch: `cfg`, resolved as a new run resolves it
+    (dataset path, classes, exits), must equal the saved config (eval_batch_size may differ). Returns `out`.
     Under torchrun (RANK, WORLD_SIZE > 1) this is one rank of DistributedDataParallel training: nccl on CUDA
     (device cuda:LOCAL_RANK), gloo on the CPU; each rank takes its share of every global batch (--batch-size is
     the global batch), rank 0 alone writes the checkpoint, shows progress and calls callback.
     """
     rank, world, local = _world()
+    dev = torch.device(device) if device is not None else default_device()
     if world == 1:
-        return _train(cfg, Path(out), resume, progress, callback, half_weights,
-                      torch.device(device) if device is not None else default_device(), 0, 1)
+        return _train(cfg, resume, _Run(Path(out), dev, rank=0, world=1, progress=progress, callback=callback,
+                                        half_weights=half_weights))
+    if cfg.batch_size % world:
+        raise EelabError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the {world} "
+                         f"processes; use a multiple of {world}")
     import torch.distributed as dist
 
-    dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -396,78 +408,138 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if own_group:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
-        return _train(cfg, Path(out), resume, progress and rank == 0, callback if rank == 0 else None,
-                      half_weights, dev, rank, world)
+        return _train(cfg, resume, _Run(Path(out), dev, rank=rank, world=world, progress=progress and rank == 0,
+                                        callback=callback if rank == 0 else None, half_weights=half_weights))
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, callback, half_weights: bool,
-           device: torch.device, rank: int, world: int) -> Path:
-    if resume:
-        if not (out / "state.pt").exists():
-            raise EelabError(f"nothing to resume in {out} (no state.pt); drop --resume to start a new run")
-        saved = read_checkpoint_config(out)
-        if TrainConfig.from_dict(saved["train"]) != cfg:
-            cfg = TrainConfig.from_dict(saved["train"])  # resume continues the run it finds, as it was
-    elif (out / "state.pt").exists():
-        raise EelabError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if cfg.epochs < 1:
-        raise EelabError(f"epochs must be at least 1, got {cfg.epochs}")
-    if cfg.heads_only and not cfg.init:
-        raise EelabError("heads-only training needs a trained backbone: pass --init CHECKPOINT")
-    _validate(cfg, device)
-    if cfg.batch_size % world:
-        raise EelabError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the {world} "
-                         f"processes; use a multiple of {world}")
+def train_and_record(cfg: TrainConfig, out: str | Path, record_limit: int | None = None,
+                     callback: Callable[[dict], None] | None = None,
+                     on_split: Callable[[str], None] | None = None) -> Path:
+    """train() a new run into `out`, then record its cal and test splits beside it (cal.pt, test.pt): a run the
+    notebooks and `eelab evaluate` read as they read the reference. record_limit: a seeded subset of N samples
+    of each split (smoke runs); on_split(split) is called before each split is recorded."""
+    from .records import record_checkpoint
 
+    out = Path(train(cfg, out, progress=False, callback=callback))
+    for split in ("cal", "test"):
+        if on_split is not None:
+            on_split(split)
+        record_checkpoint(out, split, limit=record_limit, progress=False).save(out / f"{split}.pt")
+    return out
+
+
+def _train(cfg: TrainConfig, resume: bool, run: _Run) -> Path:
+    """One run (one rank of it under torchrun), phase by phase."""
+    dtype = choose_precision(cfg.precision, run.device)
+    if resume and not (run.out / "state.pt").exists():
+        raise EelabError(f"nothing to resume in {run.out} (no state.pt); drop --resume to start a new run")
+    if not resume and (run.out / "state.pt").exists():
+        raise EelabError(f"{run.out} already holds a training run; pass --resume to continue it or choose another "
+                         "--out")
+    cfg, data = _load_data(cfg, run)
+    if resume:
+        cfg = _resumed_config(cfg, run.out)
+    model, costs, full_cost = _build_model(cfg, data.image_shape, run.device)
+    weights, frozen = _loss_weights(cfg, model, costs, full_cost, run.device)
+    n = data.x_train.shape[0]
+    batch = min(cfg.batch_size, n)
+    steps = max(1, n // batch)  # drop the last partial batch: batch norm needs more than one sample
+    opt, sched = _optimizer(cfg, model, cfg.epochs * steps)
+    parts = _Parts(model, opt, sched, weights, frozen, torch.Generator().manual_seed(cfg.seed + 2), dtype,
+                   torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, batch, steps)
+    start, history = _restore(run.out, parts) if resume else (0, [])
+    ckpt_cfg = checkpoint_config(cfg.to_dict(), cfg.dataset, data.class_names, data.image_shape, data.mean,
+                                 data.std, data.cal_idx, costs, full_cost)
+    _epochs(cfg, data, parts, run, ckpt_cfg, start, history)
+    return run.out
+
+
+def _load_data(cfg: TrainConfig, run: _Run) -> tuple[TrainConfig, _Data]:
+    """Load the dataset, split off cal (and a train subset), and resolve the config as this data decides it."""
     if cfg.dataset.startswith("folder:"):  # an absolute path, so records and resumes find the same images
         cfg = replace(cfg, dataset="folder:" + str(Path(cfg.dataset[len("folder:"):]).expanduser().resolve()))
-    if rank != 0:
-        _barrier(world, device)  # rank 0 downloads, unpacks and caches first; the others then read its cache
-    ds = load_dataset(cfg.dataset, cfg.image_size, progress=progress)
-    if rank == 0:
-        _barrier(world, device)
+    if run.rank != 0:
+        _barrier(run.world, run.device)  # rank 0 downloads, unpacks and caches first; the others read its cache
+    ds = load_dataset(cfg.dataset, cfg.image_size, progress=run.progress)
+    if run.rank == 0:
+        _barrier(run.world, run.device)
     train_idx, cal_idx = split_train_cal(ds.train_images.shape[0], cfg.cal_size, cfg.seed)
     if cfg.train_samples is not None:
-        if not 0 < cfg.train_samples <= train_idx.numel():
-            raise EelabError(f"--train-samples must be between 1 and {train_idx.numel()}, got {cfg.train_samples}")
+        if cfg.train_samples > train_idx.numel():
+            raise EelabError(f"--train-samples {cfg.train_samples} is more than the {train_idx.numel()} training "
+                             "images left beside cal; lower --train-samples or --cal-size")
         g = torch.Generator().manual_seed(cfg.seed + 1)
         train_idx = train_idx[torch.randperm(train_idx.numel(), generator=g)[:cfg.train_samples]].sort().values
-    x_train, y_train = ds.train_images[train_idx], ds.train_labels[train_idx]
-    x_cal, y_cal = ds.train_images[cal_idx], ds.train_labels[cal_idx]
+    x_train = ds.train_images[train_idx]
     mean, std = channel_stats(x_train)
+    data = _Data(x_train, ds.train_labels[train_idx], ds.train_images[cal_idx], ds.train_labels[cal_idx], cal_idx,
+                 mean, std, list(ds.class_names), tuple(ds.image_shape))
+    return _resolve(cfg, ds.num_classes, data.image_shape), data
 
-    mcfg = replace(cfg.model, num_classes=ds.num_classes, in_channels=ds.image_shape[0])
+
+def _resolve(cfg: TrainConfig, num_classes: int, image_shape: tuple[int, int, int]) -> TrainConfig:
+    """The config as trained: the data's classes and channels, exits placed on its images, eenet's branches."""
+    mcfg = replace(cfg.model, num_classes=num_classes, in_channels=image_shape[0])
     if mcfg.name in TORCHVISION_BACKBONES and mcfg.exits_after is None and (mcfg.exits_schedule or mcfg.num_exits):
-        # place the exits by cost on this dataset's images, once: the checkpoint stores the layers chosen
-        mcfg = replace(mcfg, exits_after=plan_exits(mcfg, ds.image_shape))
+        # place the exits by cost on this dataset's images, once: the checkpoint stores the layers chosen, beside
+        # the schedule and K that chose them
+        cuts = plan_exits(mcfg, image_shape)
+        mcfg = replace(mcfg, exits_after=cuts, num_exits=len(cuts) + 1)
     if cfg.objective == "eenet":
         mcfg = replace(mcfg, confidence=True)
-    cfg = replace(cfg, model=mcfg)
+    return replace(cfg, model=mcfg)
+
+
+def _resumed_config(asked: TrainConfig, out: Path) -> TrainConfig:
+    """The config a resume continues with: `asked` (resolved), refused unless it equals the saved one.
+
+    Only eval_batch_size may differ (it batches the watched cal figures, nothing trained): the new value is used.
+    """
+    saved = replace(TrainConfig.from_dict(read_checkpoint_config(out)["train"]),
+                    eval_batch_size=asked.eval_batch_size)
+    flags = {(o.in_model, o.field.name): o.flag for o in train_options()}
+    changed = [flags.get((in_model, f.name), f"model.{f.name}")
+               for in_model, a, s in ((True, asked.model, saved.model), (False, asked, saved))
+               for f in fields(a) if f.name != "model" and getattr(a, f.name) != getattr(s, f.name)]
+    if changed:
+        raise EelabError(f"--resume continues the run in {out} as it was configured, but {', '.join(changed)} "
+                         f"changed; drop {'it' if len(changed) == 1 else 'them'} or train into a new --out")
+    return asked
+
+
+def _build_model(cfg: TrainConfig, image_shape: tuple[int, int, int], device: torch.device
+                 ) -> tuple[MultiExitNet, torch.Tensor, float]:
+    """(model seeded by cfg.seed, started from --init if given, channels_last on device; exit costs [K] in MACs;
+    the plain network's MACs)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(mcfg)
-    k = model.num_exits
+    model = build_model(cfg.model)
     if cfg.init:
         init_model, init_cfg = load_checkpoint(cfg.init)
-        if replace(ModelConfig.from_dict(init_cfg["model"]), confidence=False) != replace(mcfg, confidence=False):
+        if replace(ModelConfig.from_dict(init_cfg["model"]), confidence=False) != replace(cfg.model,
+                                                                                          confidence=False):
             raise EelabError(f"--init checkpoint {cfg.init} is a {init_cfg['factory']} with other arguments than "
-                             f"this run's {mcfg.name}; use the same --model and head options")
+                             f"this run's {cfg.model.name}; use the same --model and head options")
         # confidence branches an --objective eenet run adds to a plain checkpoint start fresh
         missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=False)
         if unexpected or any(not key.startswith("confidences.") for key in missing):
-            raise EelabError(f"--init checkpoint {cfg.init} does not fit this run's {mcfg.name} "
+            raise EelabError(f"--init checkpoint {cfg.init} does not fit this run's {cfg.model.name} "
                              f"({(unexpected + missing)[0]}); use the same --model and head options")
     try:
-        costs, full_cost = measure_costs(model, ds.image_shape)
+        costs, full_cost = measure_costs(model, image_shape)
     except RuntimeError as e:  # e.g. VGG's five 2x2 pools on 28x28 MNIST images
-        raise EelabError(f"model {mcfg.name} cannot run on {cfg.dataset} images of shape {list(ds.image_shape)} "
+        raise EelabError(f"model {cfg.model.name} cannot run on {cfg.dataset} images of shape {list(image_shape)} "
                          f"({' '.join(str(e).split())[:120]}); pass a larger --image-size (e.g. 32)") from None
-    model.to(device)
-    dtype, channels_last = choose_precision(cfg.precision, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=torch.channels_last), costs, full_cost
+
+
+def _loss_weights(cfg: TrainConfig, model: MultiExitNet, costs: torch.Tensor, full_cost: float,
+                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """(per-exit loss weights [K] on device, the heads no loss reaches), freezing those heads (and, heads-only,
+    the backbone)."""
+    k = model.num_exits
     if cfg.plain:
         per_exit = [0.0] * (k - 1) + [1.0]
     else:
@@ -481,98 +553,146 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, callback, 
     # distillation teacher and gets no gradient from it)
     frozen = [i for i in range(k) if per_exit[i] == 0 and not (cfg.distill > 0 and i < k - 1)]
     if cfg.heads_only:
-        for p in model.stages.parameters():
-            p.requires_grad_(False)
+        model.stages.requires_grad_(False)
     for i in frozen:
         model.heads[i].requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise EelabError("nothing to train: the backbone is frozen (--heads-only) and every head has loss weight 0; "
                          "give some exit a positive --loss-weights value")
-    lr = cfg.lr if cfg.lr is not None else {"sgd": 0.1, "adamw": 2e-3}.get(cfg.optimizer, 0.0)
+    return weights, frozen
+
+
+def _optimizer(cfg: TrainConfig, model: MultiExitNet, total_steps: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer over the trainable parameters and its learning-rate schedule over total_steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR[cfg.optimizer]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
+    else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        raise EelabError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
-    n = x_train.shape[0]
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // bs)  # drop the last partial batch: batch norm needs more than one sample
-    total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
-    elif cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:
-        raise EelabError(f"unknown schedule {cfg.schedule!r}; use onecycle or cosine")
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 
-    ckpt_cfg = _checkpoint_config(cfg, cfg.dataset, ds.class_names, ds.image_shape, mean, std, cal_idx, costs, full_cost)
-    history: list[dict] = []
-    start_epoch = 0
-    if resume:
-        st = load_torch(out / "state.pt", "training state", f"start again without --resume into a new --out")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
-        torch.set_rng_state(st["torch_rng"])
-        start_epoch = int(st["epoch"])
-        history = load_json(out / "history.json", "training history", "start again without --resume")[:start_epoch]
-    if start_epoch >= cfg.epochs:
-        return out
-    net = model
-    if world > 1:
+
+def _restore(out: Path, parts: _Parts) -> tuple[int, list[dict]]:
+    """Load out/state.pt into the parts; returns (epochs done, their history rows)."""
+    st = load_state(out)
+    parts.model.load_state_dict(st["model"])
+    parts.opt.load_state_dict(st["optimizer"])
+    parts.sched.load_state_dict(st["scheduler"])
+    parts.gen.set_state(st["generator"])
+    torch.set_rng_state(st["torch_rng"])
+    start = int(st["epoch"])
+    return start, read_history(out)[:start]
+
+
+def _epochs(cfg: TrainConfig, data: _Data, parts: _Parts, run: _Run, ckpt_cfg: dict[str, Any], start: int,
+            history: list[dict]) -> None:
+    """Epochs start+1..cfg.epochs, each followed by the cal check and a checkpoint (rank 0)."""
+    if start >= cfg.epochs:
+        return
+    net: nn.Module = WithConfidences(parts.model)
+    if run.world > 1:  # made after the restore: DistributedDataParallel starts every rank from rank 0's weights
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    for epoch in range(start_epoch, cfg.epochs):
+        net = DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        _train_mode(model, cfg.heads_only, frozen)
-        if world > 1:  # dropout draws differ between ranks, and an epoch's draws do not depend on a resume
-            torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + 7_919 * rank)
-        perm = torch.randperm(n, generator=gen)
-        loss_sum = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress, leave=False)
-        for step in bar:
-            rows = perm[step * bs:(step + 1) * bs]
-            loss = train_step(net, opt, x_train[rows], y_train[rows], weights, cfg, mean, std, gen,
-                              device, dtype, channels_last, scaler, shard=(rank, world))
-            if loss is None:
-                done = f"epoch {epoch} in {out} is intact" if epoch > 0 else "no checkpoint was written"
-                raise EelabError(f"loss became nan at epoch {epoch + 1} step {step + 1}; the last good "
-                                 f"checkpoint ({done}); lower --lr or use --precision fp32")
-            sched.step()
-            loss_sum += loss
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
+        loss = _train_epoch(cfg, data, parts, net, run, epoch)
         seconds = time.perf_counter() - t0
-        if rank == 0:
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": sched.get_last_lr()[0],
-                   "seconds": seconds, "images_per_s": steps_per_epoch * bs / seconds}
-            if x_cal.shape[0]:
-                row.update(_evaluate_exits(model, x_cal, y_cal, mean, std, device, dtype, channels_last,
-                                           cfg.eval_batch_size))
+        if run.rank == 0:
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": parts.sched.get_last_lr()[0], "seconds": seconds,
+                   "images_per_s": parts.steps * parts.batch / seconds}
+            if data.x_cal.shape[0]:
+                row.update(_evaluate_exits(parts.model, data, run.device, parts.dtype, cfg.eval_batch_size))
             history.append(row)
-            state = {"epoch": epoch + 1,
-                     "model": {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()},
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                     "torch_rng": torch.get_rng_state()}
-            _save_checkpoint(out, model, ckpt_cfg, history, state, half_weights)
-            if progress:
+            _save_epoch(run, parts, ckpt_cfg, history, epoch + 1)
+            if run.progress:
                 accs = " ".join(f"{a:.3f}" for a in row.get("cal_acc", []))
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.3f}  cal acc per exit "
-                           f"[{accs}]  {seconds:.0f}s ({row['images_per_s']:.0f} img/s)")
-            if callback is not None:
-                callback(row)
-        _barrier(world, device)  # every rank returns only once the checkpoint is written
-    return out
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.3f}  cal acc per exit [{accs}]  "
+                           f"{seconds:.0f}s ({row['images_per_s']:.0f} img/s)")
+            if run.callback is not None:
+                run.callback(row)
+        _barrier(run.world, run.device)  # every rank returns only once the checkpoint is written
 
 
-def read_history(path: str | Path) -> list[dict]:
-    """Per-epoch figures of a checkpoint directory (history.json)."""
-    return load_json(Path(path) / "history.json", "training history", "train with `eelab train --out DIR`")
+def _train_epoch(cfg: TrainConfig, data: _Data, parts: _Parts, net: nn.Module, run: _Run, epoch: int) -> float:
+    """One pass over a fresh permutation of the train split, parts.steps steps; returns the mean loss."""
+    _train_mode(parts.model, cfg.heads_only, parts.frozen)
+    if run.world > 1:  # dropout draws differ between ranks, and an epoch's draws do not depend on a resume
+        torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + 7_919 * run.rank)
+    perm = torch.randperm(data.x_train.shape[0], generator=parts.gen)
+    loss_sum = 0.0
+    bar = tqdm(range(parts.steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not run.progress,
+               leave=False)
+    for step in bar:
+        rows = perm[step * parts.batch:(step + 1) * parts.batch]
+        loss = train_step(net, parts.opt, data.x_train[rows], data.y_train[rows], parts.weights, cfg, data.mean,
+                          data.std, parts.gen, run.device, parts.dtype, parts.scaler, shard=(run.rank, run.world))
+        if loss is None:
+            done = f"epoch {epoch} in {run.out} is intact" if epoch > 0 else "no checkpoint was written"
+            raise EelabError(f"loss became nan at epoch {epoch + 1} step {step + 1}; the last good checkpoint "
+                             f"({done}); lower --lr or use --precision fp32")
+        parts.sched.step()
+        loss_sum += loss
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    return loss_sum / parts.steps
+
+
+def _train_mode(model: MultiExitNet, heads_only: bool, frozen_heads: Sequence[int] = ()) -> None:
+    model.train()
+    if heads_only:
+        model.stages.eval()  # frozen backbone: batch-norm statistics stay as trained
+    for k in frozen_heads:
+        model.heads[k].eval()  # a frozen head keeps its batch-norm statistics (and skips dropout) too
+
+
+@torch.no_grad()
+def _evaluate_exits(model: MultiExitNet, data: _Data, device: torch.device, dtype: torch.dtype | None,
+                    batch_size: int) -> dict[str, Any]:
+    """Per-exit accuracy on cal and the last exit's mean cross-entropy there: watched, never used to select."""
+    model.eval()
+    correct, loss_sum = None, 0.0
+    for s in range(0, data.x_cal.shape[0], batch_size):
+        x = prepare(data.x_cal[s:s + batch_size].to(device), data.mean, data.std)
+        with _autocast(device, dtype):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        y = data.y_cal[s:s + batch_size].to(device)
+        hit = (logits.argmax(-1) == y[:, None]).sum(0).cpu()
+        correct = hit if correct is None else correct + hit
+        loss_sum += float(F.cross_entropy(logits[:, -1], y, reduction="sum"))
+    n = data.x_cal.shape[0]
+    return {"cal_acc": (correct.double() / n).tolist(), "cal_loss_last": loss_sum / n}
+
+
+def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: list[dict], epochs_done: int) -> None:
+    """Write the checkpoint and the state a resume continues from."""
+    state = {"epoch": epochs_done,
+             "model": {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()},
+             "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict(),
+             "generator": parts.gen.get_state(), "torch_rng": torch.get_rng_state()}
+    save_checkpoint(run.out, parts.model, ckpt_cfg, history, state, run.half_weights)
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) without them."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise EelabError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them); unset them to "
+                         "train in one process") from None
+    if not 0 <= rank < world:
+        raise EelabError(f"RANK {rank} is outside WORLD_SIZE {world}; start distributed training with torchrun")
+    return rank, world, local
+
+
+def _barrier(world: int, device: torch.device) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()

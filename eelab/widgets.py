@@ -1,6 +1,6 @@
 """Live panels for the notebooks: ipywidgets controls wired to precomputed operating points and plotly figures.
 
-A control's callback only looks a row up in a workbench.PolicyGrid (every point fitted on cal and evaluated
+A control's callback only looks a row up in a sweep.PolicyGrid (every point fitted on cal and evaluated
 on test once) and writes it into FigureWidget traces inside `fig.batch_update()`: no policy is fitted and no
 network runs on a move. Each panel builds its figures in their initial state before wiring the controls
 (a view created later shows that state). `paper_figures()` redraws a panel's current state with
@@ -22,10 +22,9 @@ from matplotlib.figure import Figure
 
 from . import plots
 from .errors import EelabError
-from .metrics import area_under_frontier, frontier_range, oracle_frontier
-from .policies import Policy
-from .policies.base import show_value
-from .workbench import PolicyGrid, class_exits, risk_table
+from .policies import Policy, show_value
+from .sweep import PolicyGrid, fit_points, precompute_grid
+from .workbench import class_exits, cost_range, frontier_areas, oracle_points, risk_table
 
 _COLORS = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
            "#56b4e9")  # seaborn's colorblind palette, as the paper figures use
@@ -59,7 +58,7 @@ class PolicySliderPanel(widgets.VBox):
         first = grids[0]
         if x not in first.table:
             raise EelabError(f"the grids have no {x} column; give latency= to precompute_grid for rel_ms")
-        self.oracle = _oracle(first, x) if oracle else None
+        self.oracle = oracle_points(first, x) if oracle else None
         self.sliders: dict[str, dict[str, widgets.SelectionSlider]] = {
             name: {param: _slider(param, grid.values(param), _initial_value(grid, param)) for param in grid.params}
             for name, grid in self.grids.items()}
@@ -297,9 +296,8 @@ class ComparePoliciesPanel(widgets.VBox):
         self.cost = widgets.ToggleButtons(options=units, value="rel_macs", description="cost axis")
         # both axes' fronts, oracle frontiers and areas are computed once, here
         self.fronts = {x: {name: grid.front(x=x) for name, grid in self.grids.items()} for _, x in units}
-        self.oracles = {x: _oracle(first, x) for _, x in units} if oracle else {}
-        self.areas = pd.DataFrame({x: {name: area_under_frontier(grid.table, *self._range(x), x=x)
-                                       for name, grid in self.grids.items()} for _, x in units})
+        self.oracles = {x: oracle_points(first, x) for _, x in units} if oracle else {}
+        self.areas = frontier_areas(self.grids, [x for _, x in units], oracle=oracle)
         self.figure = self._figure("rel_macs")
         self.summary = widgets.HTML(self._summary())
         self.cost.observe(lambda change: self._on_cost(), names="value")
@@ -316,12 +314,9 @@ class ComparePoliciesPanel(widgets.VBox):
 
     def paper_tables(self) -> dict[str, pd.DataFrame]:
         """Area under each frontier on each cost axis."""
-        table = self.areas.rename(columns={"rel_macs": "area_macs", "rel_ms": "area_latency"})
+        table = self.areas.drop(index="oracle frontier", errors="ignore")
+        table = table.rename(columns={"rel_macs": "area_macs", "rel_ms": "area_latency"})
         return {"areas": table.rename_axis("policy").reset_index()}
-
-    def _range(self, x: str) -> tuple[float, float]:
-        first = next(iter(self.grids.values()))
-        return frontier_range(first.latency if x == "rel_ms" else first.test)
 
     def _on_cost(self) -> None:
         x = self.cost.value
@@ -372,10 +367,12 @@ class ComparePoliciesPanel(widgets.VBox):
 
     def _summary(self) -> str:
         x = self.cost.value
-        lo, hi = self._range(x)
-        oracle = area_under_frontier(self.oracles[x], lo, hi, x=x) if x in self.oracles else None
-        cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{area:.4f}</td></tr>" for name, area in self.areas[x].items())
-        bound = f"<tr><td>oracle frontier (bound)</td><td>{oracle:.4f}</td></tr>" if oracle is not None else ""
+        lo, hi = cost_range(next(iter(self.grids.values())), x)
+        areas = self.areas[x]
+        cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{area:.4f}</td></tr>" for name, area in areas.items()
+                        if name != "oracle frontier")
+        bound = (f"<tr><td>oracle frontier (bound)</td><td>{areas['oracle frontier']:.4f}</td></tr>"
+                 if "oracle frontier" in areas else "")
         return (f"<table class='eelab-readout' style='{_TABLE_STYLE}'><tr><th>policy</th>"
                 f"<th>area under frontier over [{lo:.2f}, {hi:.2f}]"
                 f"</th></tr>{cells}{bound}</table>")
@@ -387,14 +384,15 @@ class TrainingPanel(widgets.VBox):
 
     checkpoint: the run shown first (its history.json curves); after training, `checkpoint` is the new run.
     config: the TrainConfig the controls start from (default: the checkpoint's, else TrainConfig()).
-    record_limit: record only the first N samples of each split (smoke runs).
+    record_limit: record a seeded subset of N samples of each split (smoke runs).
     """
 
     def __init__(self, checkpoint: str | Path, runs: str | Path = "runs", config: Any = None,
                  record_limit: int | None = None):
         from .data import DATASETS
         from .models import FACTORIES
-        from .training import TrainConfig, read_checkpoint_config, read_history
+        from .checkpoint import read_checkpoint_config, read_history
+        from .training import TrainConfig
 
         self.checkpoint, self.runs, self.record_limit = Path(checkpoint), Path(runs), record_limit
         try:
@@ -427,8 +425,7 @@ class TrainingPanel(widgets.VBox):
 
     def train(self) -> Path:
         """Train runs/NAME with the controls' settings, then record its cal and test splits; returns the run."""
-        from .records import record_checkpoint
-        from .training import train
+        from .training import train_and_record
 
         name = self.name.value.strip()
         if not name or "/" in name or name.startswith("."):
@@ -441,15 +438,18 @@ class TrainingPanel(widgets.VBox):
             for trace in self.curves.data:
                 trace.x, trace.y = [], []
         self.status.value = f"training {html.escape(str(out))} ..."
-        train(cfg, out, progress=False, callback=self._on_epoch)
-        for split in ("cal", "test"):
-            self.status.value = f"recording the {split} split of {html.escape(str(out))} ..."
-            record_checkpoint(out, split, limit=self.record_limit, progress=False).save(out / f"{split}.pt")
-            self.progress.value += 1
+        train_and_record(cfg, out, self.record_limit, callback=self._on_epoch, on_split=self._on_split)
+        self.progress.value += 1  # the test split's record is written
         self.checkpoint = out
         self.status.value = (f"done: {html.escape(str(out))} with cal.pt and test.pt. Re-run the cells below: "
                              f"they read this panel's checkpoint, which is now this run.")
         return out
+
+    def _on_split(self, split: str) -> None:
+        """Recording callback: the previous step is done, say which split is recorded now."""
+        if split == "test":
+            self.progress.value += 1  # the cal split's record is written
+        self.status.value = f"recording the {split} split of {html.escape(str(self.runs / self.name.value.strip()))} ..."
 
     def _train_config(self):
         """The starting TrainConfig with the controls' model, dataset, epochs and train images."""
@@ -506,7 +506,7 @@ class DQNTrainingPanel(widgets.VBox):
     train() (or the button) returns the agents' PolicyGrid (fitted on cal, scored on test; also kept as
     .grid) for a PolicySliderPanel, whose lambda slider then picks the agent. cost_weights: default
     DQNPolicy.grid's nine; params: other DQNPolicy parameters (steps, hidden, seed, ...); cache: the folder
-    workbench.precompute_grid(..., cache=) uses, so an agent trained here is found again there (notebook 04)
+    sweep.fit_points(..., cache=) uses, so an agent trained here is found again there (notebook 04)
     and here, its stored trace drawn at once instead of training again; every: updates between reports.
     """
 
@@ -542,30 +542,27 @@ class DQNTrainingPanel(widgets.VBox):
                           widgets.HBox([self.reward_figure, self.exit_figure])])
 
     def train(self) -> PolicyGrid:
-        """Train (or find in the cache) every agent, drawing as it goes; returns their PolicyGrid."""
-        from .policies import load_policy
+        """Train (or find in the cache) every agent through sweep.fit_points, drawing as it goes; returns their
+        PolicyGrid (fitted on cal, scored on test)."""
         from .policies.dqn import DQNPolicy
-        from .workbench import cache_path, precompute_grid
 
-        policies = []
+        labels = [_agent_label(w) for w in self.cost_weights]
         self.progress.value = 0
-        for i, weight in enumerate(self.cost_weights):
-            point = {"cost_weight": weight, **self.params}
-            path = None if self.cache is None else cache_path(self.cache, DQNPolicy, point, self.cal)
-            label = _agent_label(weight)
-            if path is not None and path.is_file():
-                policy = load_policy(path)
-                self.status.value = f"agent {label}: found in {html.escape(str(path.parent))}/, not retrained"
-                for row in policy.info.get("trace", []):
-                    self._on_report(label, i, row)
-            else:
-                self.status.value = f"training agent {label} ({i + 1}/{len(self.cost_weights)}) ..."
-                policy = DQNPolicy(**point).fit(self.cal, callback=lambda row, label=label, i=i:
-                                                self._on_report(label, i, row), every=self.every)
-                if path is not None:
-                    policy.save(path)
-            policies.append(policy)
-            self.progress.value = i + 1
+
+        def fit(i: int, policy: Policy) -> Policy:
+            self.status.value = f"training agent {labels[i]} ({i + 1}/{len(self.cost_weights)}) ..."
+            policy.fit(self.cal, callback=lambda row: self._on_report(labels[i], i, row), every=self.every)
+            self.progress.value += 1
+            return policy
+
+        def found(i: int, policy: Policy) -> None:
+            self.status.value = f"agent {labels[i]}: found in the cache, not retrained"
+            for row in policy.info.get("trace", []):
+                self._on_report(labels[i], i, row)
+            self.progress.value += 1
+
+        points = [{"cost_weight": w, **self.params} for w in self.cost_weights]
+        policies = fit_points(DQNPolicy, points, self.cal, cache=self.cache, fit=fit, found=found)
         self.status.value = "scoring the agents on test ..."
         self.grid = precompute_grid(policies, self.cal, self.test, grid=[{"cost_weight": w} for w in self.cost_weights],
                                     name="dqn", latency=self.latency)
@@ -680,13 +677,6 @@ def _file_name(name: str) -> str:
 
 def _agent_label(cost_weight: float) -> str:
     return f"lambda={cost_weight:g}"
-
-
-def _oracle(grid: PolicyGrid, x: str) -> pd.DataFrame:
-    """metrics.oracle_frontier of the grid's test record, priced in ms (columns mean_ms, rel_ms) for x = rel_ms."""
-    if x != "rel_ms":
-        return oracle_frontier(grid.test)
-    return oracle_frontier(grid.latency).rename(columns={"mean_macs": "mean_ms", "rel_macs": "rel_ms"})
 
 
 def _trace(fig: go.FigureWidget, name: str) -> Any:

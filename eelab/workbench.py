@@ -1,31 +1,25 @@
-"""What the notebooks, panels, paper figures and the results table show, computed once from a cal/test pair.
+"""Tables and summaries built from sweep results: what the notebooks, panels, paper figures and the results
+table show, computed once from a cal/test pair.
 
-Every function here reads exit records (and, for the latency axis, `profile_checkpoint`'s timings) and calls
-eelab.metrics and the policies; none runs the network. A PolicyGrid fits each grid point on cal and
-evaluates it on test (and cal) once, so a slider only looks a row up (DESIGN: cache once, decide many).
-eelab.plots draws what these return; eelab.widgets wires them to controls.
+Every function here reads exit records and the PolicyGrids eelab.sweep fitted (on cal) and scored (on test);
+none fits a policy or runs the network. eelab.plots draws what these return; eelab.widgets wires them to
+controls.
 """
 from __future__ import annotations
 
-import itertools
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
 from .errors import EelabError
-from .metrics import area_under_frontier, evaluate, frontier_range, pareto_front
-from .policies import POLICIES, Policy, score_logits
-from .records import ExitRecord, check_same_model, load_record
-
-# Headline numbers each grid row carries, as metrics.evaluate names them.
-HEADLINE = ("accuracy", "mean_macs", "rel_macs", "compute_saved", "effectiveness", "effectiveness_block_index",
-            "block_index_saving")
+from .metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier
+from .policies import score_logits
+from .records import ExitRecord
+from .sweep import HEADLINE, PolicyGrid
 
 # What the published systems report on the original CIFAR-10 (not cifar10-jpeg): theirs, quoted, not re-run.
 PUBLISHED = {
@@ -41,170 +35,29 @@ PUBLISHED = {
 }
 
 
-@dataclass(frozen=True)
-class PolicyGrid:
-    """Operating points of one policy family, fitted on cal and evaluated on test, computed once.
-
-    name: the family's label; policies [T] fitted Policy objects; table: T rows (the grid parameters,
-    fitted scalars, label, HEADLINE on test, cal_accuracy and cal_rel_macs on cal, mean_ms and rel_ms
-    when a latency record was given); points [T] metrics.evaluate dicts on test; exits int64 [T, N] on
-    test; cal, test and latency (test with costs in ms, or None) are the records they came from.
-    """
-
-    name: str
-    policies: list[Policy]
-    table: pd.DataFrame
-    points: list[dict[str, Any]]
-    exits: torch.Tensor
-    cal: ExitRecord
-    test: ExitRecord
-    latency: ExitRecord | None = None
-
-    def __len__(self) -> int:
-        return len(self.policies)
-
-    @property
-    def params(self) -> list[str]:
-        """Names of the grid parameters that take more than one value (one slider each)."""
-        return [c for c in self._param_columns() if len(set(self.table[c].map(_hashable))) > 1]
-
-    def values(self, param: str) -> list[Any]:
-        """Sorted distinct values of one grid parameter."""
-        return sorted(set(self.table[param].map(_hashable)), key=_sort_key)
-
-    def find(self, **params: Any) -> int:
-        """Row of the grid point with these parameter values (exact), else the nearest one by value ranks."""
-        if not params:
-            return 0
-        want = [_hashable(v) for v in params.values()]
-        for i, row in enumerate(self.table[list(params)].itertuples(index=False)):
-            if [_hashable(v) for v in row] == want:
-                return i
-        distance = sum(self._rank_distance(c, v) for c, v in params.items())
-        return int(torch.as_tensor(distance).argmin())
-
-    def front(self, x: str = "rel_macs", y: str = "accuracy") -> pd.DataFrame:
-        """The grid's Pareto front on test (metrics.pareto_front), sorted by x."""
-        return pareto_front(self.table, x=x, y=y)
-
-    def _param_columns(self) -> list[str]:
-        return list(self.table.attrs.get("params", []))
-
-    def _rank_distance(self, col: str, value: Any) -> torch.Tensor:
-        order = self.values(col)
-        ranks = {v: i for i, v in enumerate(order)}
-        target = ranks.get(_hashable(value))
-        if target is None:  # a value off the grid: nearest number, or no preference
-            nums = [v for v in order if isinstance(v, (int, float))]
-            target = ranks[min(nums, key=lambda v: abs(v - value))] if nums and isinstance(value, (int, float)) else 0
-        return torch.tensor([abs(ranks[_hashable(v)] - target) / max(len(order) - 1, 1)
-                             for v in self.table[col]], dtype=torch.float64)
+def cost_range(grid: PolicyGrid, x: str = "rel_macs") -> tuple[float, float]:
+    """The x range frontiers are compared over (metrics.frontier_range): of the test record's MACs, or of its
+    measured latency for x = rel_ms."""
+    return frontier_range(_priced(grid, x))
 
 
-def load_records(checkpoint: str | Path, limit: int | None = None, seed: int = 0) -> tuple[ExitRecord, ExitRecord]:
-    """(cal, test) records of a checkpoint directory (cal.pt, test.pt).
-
-    limit keeps a seeded random subset of at most `limit` samples of each, in record order (not the first
-    ones: a folder dataset's records are sorted by class).
-    """
-    checkpoint = Path(checkpoint)
-    records = []
-    for split in ("cal", "test"):
-        path = checkpoint / f"{split}.pt"
-        if not path.is_file():
-            raise EelabError(f"{path} does not exist; record it with `eelab record {checkpoint} --split {split} "
-                             f"--out {path}`")
-        record = load_record(path)
-        if limit is not None and limit < record.n:
-            gen = torch.Generator().manual_seed(seed)
-            record = record.subset(torch.randperm(record.n, generator=gen)[:limit].sort().values)
-        records.append(record)
-    check_same_model(records[1], records[0], f"{checkpoint}/test.pt", f"{checkpoint}/cal.pt")
-    return records[0], records[1]
+def oracle_points(grid: PolicyGrid, x: str = "rel_macs") -> pd.DataFrame:
+    """metrics.oracle_frontier of the grid's test record, priced in ms (columns mean_ms, rel_ms) for x = rel_ms."""
+    table = oracle_frontier(_priced(grid, x))
+    return table if x == "rel_macs" else table.rename(columns={"mean_macs": "mean_ms", "rel_macs": "rel_ms"})
 
 
-def latency_record(record: ExitRecord, profile: Mapping[str, Any]) -> ExitRecord:
-    """The record with measured milliseconds as costs: exit k costs profile's cumulative_ms[k], full_cost plain_ms.
-
-    profile is eelab.profile_checkpoint's dict (per stage: cumulative_ms = stages 0..k plus heads 0..k at its
-    batch size). Metrics of this record read mean_macs as mean ms per sample; a policy's own decision time
-    (e.g. a gate network) is not in it.
-    """
-    stages = profile["stages"]
-    if len(stages) != record.k:
-        raise EelabError(f"the profile has {len(stages)} exits, the record {record.k}; profile the checkpoint the "
-                         f"record came from")
-    ms = torch.tensor([float(s["cumulative_ms"]) for s in stages], dtype=torch.float64)
-    meta = {**record.meta, "cost_unit": "ms", "profile_batch": profile.get("batch"),
-            "profile_threads": profile.get("threads")}
-    return replace(record, costs=ms, full_cost=float(profile["plain_ms"]), meta=meta)
-
-
-def precompute_grid(policy: str | Callable[..., Policy] | Sequence[Policy], cal: ExitRecord, test: ExitRecord,
-                    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]] | None = None,
-                    latency: ExitRecord | None = None, max_points: int | None = None,
-                    name: str | None = None, cache: str | Path | None = None) -> PolicyGrid:
-    """Fit every grid point on cal and evaluate it on test and cal, once: the operating points a panel shows.
-
-    policy: a registry name, a Policy class or any factory(**params) -> Policy (fitted on cal at each point),
-    or a sequence of Policy objects (e.g. agents trained elsewhere; fitted on cal only where they need a fit
-    and have none), with grid then one parameter dict per policy to label it (default: its parameters).
-    grid: {param: values} (all combinations), a list of parameter dicts, or None for the family's default
-    grid (as metrics.sweep). latency: test with costs in ms (latency_record) for the latency axis.
-    max_points thins a long grid evenly, ends kept (smoke runs). cache: a folder where each point's fitted
-    policy (where it needs a fit) is saved and found again (keyed by family, parameters, checkpoint and cal samples), so a learned
-    family (alpha gates, DQN agents) is trained once across notebooks and runs. Per point: two decides and
-    two or three evaluates.
-    """
-    check_same_model(test, cal, "record", "cal record")
-    if latency is not None and (latency.n != test.n or not torch.equal(latency.labels, test.labels)):
-        raise EelabError("the latency record must be the test record with other costs; build it with "
-                         "latency_record(test, profile)")
-    given, factory, points = _grid_points(policy, cal, grid)
-    if max_points is not None and len(points) > max_points:
-        keep = sorted({round(i * (len(points) - 1) / max(max_points - 1, 1)) for i in range(max_points)})
-        points = [points[i] for i in keep]
-        given = None if given is None else [given[i] for i in keep]
-    policies = given if given is not None else _fit_points(factory, points, cal, cache)
-    rows, evaluated, exits = [], [], []
-    for pol, point in zip(policies, points):
-        overhead = pol.overhead_macs(test.k, test.c)
-        chosen = pol.decide(test)
-        m = evaluate(test, chosen, overhead=overhead)
-        on_cal = evaluate(cal, pol.decide(cal), overhead=overhead)
-        row = {**point, **pol.summary(), "label": pol.describe(), **{key: m[key] for key in HEADLINE},
-               "cal_accuracy": on_cal["accuracy"], "cal_rel_macs": on_cal["rel_macs"]}
-        if latency is not None:  # the same exits, priced in measured ms instead of MACs
-            ms = evaluate(latency, chosen)
-            row.update(mean_ms=ms["mean_macs"], rel_ms=ms["rel_macs"])
-        rows.append(row)
-        evaluated.append(m)
-        exits.append(chosen)
-    table = pd.DataFrame(rows, index=range(len(rows)))
-    table.attrs["params"] = sorted({key for point in points for key in point}, key=list(table.columns).index)
-    family = name or (policy if isinstance(policy, str) else (policies[0].name if policies else "policy"))
-    return PolicyGrid(name=family, policies=list(policies), table=table, points=evaluated,
-                      exits=torch.stack(exits) if exits else torch.empty(0, test.n, dtype=torch.long),
-                      cal=cal, test=test, latency=latency)
-
-
-def precompute_grids(names: Sequence[str], cal: ExitRecord, test: ExitRecord, latency: ExitRecord | None = None,
-                      max_points: int | None = None, cache: str | Path | None = None) -> dict[str, PolicyGrid]:
-    """precompute_grid of several registered families on their default grids: {name: PolicyGrid}.
-
-    A family that reads a record field these records lack (e.g. learned confidences) is left out, with a
-    warning naming the field, so "every registered family" means every one that can decide on these records.
-    """
-    grids = {}
-    for name in names:
-        lacking = [f for f in getattr(POLICIES.get(name), "INPUTS", ()) if getattr(cal, f, None) is None
-                   or getattr(test, f, None) is None]
-        if lacking:
-            warnings.warn(f"policy {name} left out: it reads the record field(s) {', '.join(lacking)}, which these "
-                          f"records lack (record a model that outputs them)", stacklevel=2)
-            continue
-        grids[name] = precompute_grid(name, cal, test, latency=latency, max_points=max_points, cache=cache)
-    return grids
+def frontier_areas(grids: Mapping[str, PolicyGrid], axes: Sequence[str] = ("rel_macs",),
+                   oracle: bool = True) -> pd.DataFrame:
+    """Area under each grid's test frontier on each cost axis (rows: policies, then "oracle frontier" when
+    oracle; columns: axes), each over cost_range of the first grid, so the areas compare."""
+    first = next(iter(grids.values()))
+    areas = {x: {name: area_under_frontier(grid.table, *cost_range(first, x), x=x) for name, grid in grids.items()}
+             for x in axes}
+    if oracle:
+        for x in axes:
+            areas[x]["oracle frontier"] = area_under_frontier(oracle_points(first, x), *cost_range(first, x), x=x)
+    return pd.DataFrame(areas)
 
 
 def exit_table(cal: ExitRecord, test: ExitRecord) -> pd.DataFrame:
@@ -416,99 +269,17 @@ def find_examples(record: ExitRecord, exits: torch.Tensor, n: int = 16, seed: in
     return Examples(images=pool[record.indices[rows]], **base)
 
 
-# ---- helpers ------------------------------------------------------------------------------------
-def _grid_points(policy: Any, cal: ExitRecord, grid: Any
-                 ) -> tuple[list[Policy] | None, Callable[..., Policy] | None, list[dict[str, Any]]]:
-    """(the given policies or None, the factory or None, one parameter dict per point) for precompute_grid."""
-    if isinstance(policy, Sequence) and not isinstance(policy, str):
-        policies = list(policy)
-        if not all(isinstance(p, Policy) for p in policies):
-            raise EelabError("precompute_grid got a sequence that is not all Policy objects")
-        points = [dict(p.params) for p in policies] if grid is None else _expand(grid)
-        if len(points) != len(policies):
-            raise EelabError(f"precompute_grid got {len(policies)} policies but {len(points)} grid labels")
-        for p in policies:
-            if p.needs_fit() and not p.fitted:
-                p.fit(cal)
-        return policies, None, points
-    if isinstance(policy, str):
-        if policy not in POLICIES:
-            raise EelabError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        factory: Callable[..., Policy] = POLICIES[policy]
-    elif callable(policy):
-        factory = policy
-    else:
-        raise EelabError(f"precompute_grid needs a policy name, factory or list of policies, got {type(policy).__name__}")
-    if grid is None:
-        if not (isinstance(factory, type) and issubclass(factory, Policy)):
-            raise EelabError("precompute_grid needs a grid for a policy factory; give grid={param: values}")
-        points = factory.grid(cal)
-    else:
-        points = _expand(grid)
-    return None, factory, [{key: _plain(value) for key, value in point.items()} for point in points]
+def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
+    """The grid's test record priced on cost axis x: in MACs (rel_macs) or measured ms (rel_ms)."""
+    if x == "rel_macs":
+        return grid.test
+    if x != "rel_ms" or grid.latency is None:
+        raise EelabError(f"cost axis {x!r} needs {'a latency record' if x == 'rel_ms' else 'rel_macs or rel_ms'}; "
+                         f"give latency= to precompute_grid for rel_ms")
+    return grid.latency
 
 
-def _fit_points(factory: Callable[..., Policy], points: list[dict[str, Any]], cal: ExitRecord,
-                cache: str | Path | None = None) -> list[Policy]:
-    """One policy per point fitted on cal (or found in the cache folder); a family with a batched
-    fit_grid(points, cal) classmethod fits the missing ones in one go."""
-    from .policies import load_policy
-
-    # only what a fit learns is worth a file; a family with nothing to fit is rebuilt from its parameters
-    paths = [None if cache is None or not factory(**point).needs_fit() else cache_path(cache, factory, point, cal)
-             for point in points]
-    found: dict[int, Policy] = {i: load_policy(path) for i, path in enumerate(paths) if path is not None and path.is_file()}
-    missing = [i for i in range(len(points)) if i not in found]
-    fit_grid = getattr(factory, "fit_grid", None)
-    if callable(fit_grid) and missing:
-        fresh = list(fit_grid([points[i] for i in missing], cal))
-    else:
-        fresh = [factory(**points[i]).fit(cal) for i in missing]
-    for i, policy in zip(missing, fresh):
-        if paths[i] is not None:
-            policy.save(paths[i])
-        found[i] = policy
-    return [found[i] for i in range(len(points))]
-
-
-def cache_path(cache: str | Path, factory: Any, point: dict[str, Any], cal: ExitRecord) -> Path:
-    """Where a point's fitted policy is cached: family, parameters, checkpoint and cal samples in the key."""
-    import hashlib
-    import json
-
-    family = getattr(factory, "name", None) or getattr(factory, "__name__", "policy")
-    key = json.dumps({"family": family, "point": point, "checkpoint": cal.meta.get("checkpoint_sha256"),
-                      "cal": hashlib.sha256(cal.indices.numpy().tobytes()).hexdigest(), "n": cal.n},
-                     sort_keys=True, default=str)
-    return Path(cache) / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-
-
-def _expand(grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """{param: values} as all combinations, or a list of parameter dicts as it is (metrics.sweep's grids)."""
-    if isinstance(grid, Mapping):
-        keys = list(grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[key]) for key in keys))]
-    return [dict(point) for point in grid]
-
-
-def _plain(value: Any) -> Any:
-    """A 0-d tensor or numpy number as a Python number."""
-    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
-
-
-def _hashable(value: Any) -> Any:
-    """A grid value usable as a dict key and slider option (lists become tuples)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _sort_key(value: Any) -> tuple:
-    """Numbers first in numeric order, then everything else by its text."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), "")
-    return (1, 0.0, str(value))
-
-
-__all__ = ["Examples", "HEADLINE", "PUBLISHED", "PolicyGrid", "class_exits", "class_table", "exit_confidences",
-           "exit_table", "find_examples", "latency_record", "load_records", "matched_point", "matched_points",
-           "operating_points", "precompute_grid", "precompute_grids", "reliability_bins", "risk_table", "sensitivity_table",
-           "summarize_policies", "target_accuracy", "cache_path"]
+__all__ = ["Examples", "PUBLISHED", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
+           "find_examples", "frontier_areas", "matched_point", "matched_points", "operating_points",
+           "oracle_points", "reliability_bins", "risk_table", "sensitivity_table", "summarize_policies",
+           "target_accuracy"]

@@ -30,12 +30,13 @@ import os
 
 import eelab
 from eelab import plots, widgets, workbench
+from eelab.records import load_records
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples and examples
 RUNS = "../runs"                   # where the train button writes new runs (git-ignored)
 FIGURES = "../figures"             # where the export button writes figures and tables
-LIMIT = 2000 if SMOKE else None    # use the first LIMIT samples of each record (None: all)
+LIMIT = 2000 if SMOKE else None    # a seeded random subset of LIMIT samples of each record (None: all)
 EXAMPLE_POLICY = {"threshold": 0.9}  # the max-prob threshold policy the example images are decided with
 N_EXAMPLES = 8 if SMOKE else 24
 PUBLISHED = workbench.PUBLISHED["early-exit-cnn"]  # their per-exit accuracies, on the original CIFAR-10
@@ -62,7 +63,7 @@ trainer
 
 # %%
 checkpoint = trainer.checkpoint
-cal, test = workbench.load_records(checkpoint, limit=LIMIT)
+cal, test = load_records(checkpoint, limit=LIMIT)
 exits = workbench.exit_table(cal, test)
 exits
 

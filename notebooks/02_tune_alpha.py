@@ -30,13 +30,15 @@
 import os
 
 from eelab import plots, widgets, workbench
+from eelab.records import load_records
+from eelab.sweep import precompute_grid
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, alphas and seeds
 FIGURES = "../figures"                 # where the export button writes figures and tables
 POLICY_DIR = "../runs/policies"        # the save button writes the selected policies here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # fitted gates are saved here and reused (notebook 04 too)
-LIMIT = 2000 if SMOKE else None        # use the first LIMIT samples of each record (None: all)
+LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0] if SMOKE else [round(0.05 * i, 2) for i in range(21)]
 SEEDS = [0, 1] if SMOKE else [0, 1, 2]  # gate initialisations: sensitivity is mean and spread over these
 GATE_STEPS = 50 if SMOKE else 200      # full-batch Adam steps per fit
@@ -50,7 +52,7 @@ BUDGET = 0.5                           # matched compute: at most this share of 
 # Every exit's logits for every cal and test sample; nothing below runs the network.
 
 # %%
-cal, test = workbench.load_records(CHECKPOINT, limit=LIMIT)
+cal, test = load_records(CHECKPOINT, limit=LIMIT)
 workbench.exit_table(cal, test)
 
 # %% [markdown]
@@ -60,10 +62,10 @@ workbench.exit_table(cal, test)
 # test. With `FITTED` set, the gates are saved and found again next time.
 
 # %%
-alpha_runs = [workbench.precompute_grid("alpha", cal, test, {"alpha": ALPHAS, "seed": [seed], "steps": [GATE_STEPS]},
-                                        name="alpha", cache=FITTED) for seed in SEEDS]
-threshold = workbench.precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS, cache=FITTED)
-static = workbench.precompute_grid("static", cal, test)
+alpha_runs = [precompute_grid("alpha", cal, test, {"alpha": ALPHAS, "seed": [seed], "steps": [GATE_STEPS]},
+                              name="alpha", cache=FITTED) for seed in SEEDS]
+threshold = precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS, cache=FITTED)
+static = precompute_grid("static", cal, test)
 
 # %% [markdown]
 # ## The sliders

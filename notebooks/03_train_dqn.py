@@ -30,13 +30,15 @@
 import os
 
 from eelab import plots, widgets, workbench
+from eelab.records import load_records
+from eelab.sweep import precompute_grid
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, agents and updates
 FIGURES = "../figures"                 # where the export button writes figures and tables
 POLICY_DIR = "../runs/policies"        # the save button writes the selected agent here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # trained agents are saved here and reused (notebook 04 too)
-LIMIT = 2000 if SMOKE else None        # use the first LIMIT samples of each record (None: all)
+LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
 COST_WEIGHTS = [0.05, 0.3, 1.1] if SMOKE else None  # lambdas, one agent each (None: the family's nine)
 AGENT = {"steps": 150} if SMOKE else {}  # other DQN parameters (steps, hidden, lr, seed, ...); {}: defaults
 REPORT_EVERY = 25                      # gradient updates between points on the live curves
@@ -46,7 +48,7 @@ THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many
 # ## Records
 
 # %%
-cal, test = workbench.load_records(CHECKPOINT, limit=LIMIT)
+cal, test = load_records(CHECKPOINT, limit=LIMIT)
 workbench.exit_table(cal, test)
 
 # %% [markdown]
@@ -63,8 +65,8 @@ trainer
 
 # %%
 dqn = trainer.train()
-threshold = workbench.precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS, cache=FITTED)
-static = workbench.precompute_grid("static", cal, test)
+threshold = precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS, cache=FITTED)
+static = precompute_grid("static", cal, test)
 
 # %% [markdown]
 # ## Pick an agent
@@ -82,8 +84,8 @@ panel
 # ## The agents against the threshold
 #
 # Area under each test frontier, accuracy at matched compute and compute saved at matched accuracy (chosen
-# on cal). For a spread over seeds, train agents with other `seed`s in `AGENT` (notebook 04 and
-# `benchmarks/learned_policies.py` do three).
+# on cal). For a spread over seeds, train agents with other `seed`s in `AGENT` (`benchmarks/learned_policies.py`
+# trains three).
 
 # %%
 summary = workbench.summarize_policies({"dqn": dqn, "threshold": threshold})

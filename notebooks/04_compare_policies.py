@@ -29,11 +29,13 @@ import os
 
 import eelab
 from eelab import plots, widgets, workbench
+from eelab.records import latency_record, load_records
+from eelab.sweep import precompute_grid, precompute_grids
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, thinner grids
 FIGURES = "../figures"                 # where the export button writes figures and tables
-LIMIT = 2000 if SMOKE else None        # use the first LIMIT samples of each record (None: all)
+LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
 GRID_POINTS = 12 if SMOKE else None    # thin each policy's default grid to this many points (None: all)
 LEARNED = ["alpha", "dqn"]             # families fitted by training a small network (minutes): cached in FITTED
 COMPARE = [name for name in eelab.POLICIES if not (SMOKE and name in LEARNED)]  # every registered family
@@ -54,9 +56,9 @@ SEED_CHECKPOINTS = []                  # the same recipe trained with other seed
 # except `profile_checkpoint`, which times each stage and head at batch 1 for the latency axis.
 
 # %%
-cal, test = workbench.load_records(CHECKPOINT, limit=LIMIT)
+cal, test = load_records(CHECKPOINT, limit=LIMIT)
 profile = eelab.profile_checkpoint(CHECKPOINT, rounds=PROFILE_ROUNDS)
-latency = workbench.latency_record(test, profile)
+latency = latency_record(test, profile)
 workbench.exit_table(cal, test)
 
 # %% [markdown]
@@ -67,7 +69,7 @@ workbench.exit_table(cal, test)
 # only on the first run.
 
 # %%
-grids = workbench.precompute_grids(COMPARE, cal, test, latency=latency, max_points=GRID_POINTS, cache=FITTED)
+grids = precompute_grids(COMPARE, cal, test, latency=latency, max_points=GRID_POINTS, cache=FITTED)
 
 # %% [markdown]
 # Lines are each policy's Pareto front on test, faint dots every grid point. The toggle prices the same exits
@@ -85,7 +87,7 @@ compare
 # the guarantee the fitted lambda carries and the risk it actually has on test.
 
 # %%
-risk_grid = workbench.precompute_grid("risk", cal, test, {"epsilon": RISK_EPSILONS, "delta": RISK_DELTAS})
+risk_grid = precompute_grid("risk", cal, test, {"epsilon": RISK_EPSILONS, "delta": RISK_DELTAS})
 risk = widgets.RiskControlPanel(risk_grid, static=grids.get("static"), title="risk control (Learn-then-Test)")
 risk
 
@@ -129,8 +131,8 @@ reliability_figure
 # (`TOLERANCE`); mean and sample standard deviation over the checkpoints in `SEED_CHECKPOINTS` too.
 
 # %%
-seed_runs = [workbench.precompute_grids(COMPARE, *workbench.load_records(path, limit=LIMIT), max_points=GRID_POINTS,
-                                        cache=FITTED) for path in SEED_CHECKPOINTS]
+seed_runs = [precompute_grids(COMPARE, *load_records(path, limit=LIMIT), max_points=GRID_POINTS,
+                              cache=FITTED) for path in SEED_CHECKPOINTS]
 summary = workbench.summarize_policies([grids, *seed_runs], tolerance=TOLERANCE, budget=BUDGET)
 summary
 

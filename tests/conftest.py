@@ -45,8 +45,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_folder) -> Path:
     """A 2-exit tiny_cnn trained 2 epochs on tiny_folder (cal 6 images)."""
     import os
 
-    from eelab.models import ModelConfig
-    from eelab.training import TrainConfig, train
+    from eelab.training import train
 
     os.environ["EELAB_DATA"] = str(tmp_path_factory.mktemp("ckdata"))
     out = tmp_path_factory.mktemp("ckpt") / "run"
@@ -66,15 +65,3 @@ def tiny_config(folder: Path, **changes):
                       dataset=f"folder:{folder}", epochs=2, batch_size=6, cal_size=6, lr=0.05, eval_batch_size=7)
     return replace(cfg, **changes)
 
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, meta: dict | None = None):
-    """A seeded synthetic ExitRecord whose later exits are more often right; costs 0.3..1.1 of full_cost 1e6."""
-    from eelab.records import ExitRecord
-
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      meta=dict(meta or {}))

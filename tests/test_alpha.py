@@ -7,40 +7,24 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from eelab.cli import main
 from eelab.errors import EelabError
-from eelab.metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier, sweep
-from eelab.policies import (AlphaPolicy, Param, Policy, charged_costs, exit_features, fit_alpha_grid, make_policy,
-                            run_policy)
+from eelab.metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier
+from eelab.policies import AlphaPolicy, Param, Policy, exit_features, fit_alpha_grid, make_policy, run_policy
+from eelab.metrics import charged_costs
 from eelab.policies.alpha import exit_probabilities, expected_loss
+from eelab import testing
 from eelab.records import ExitRecord
+from eelab.testing import stairs_record
+from eelab.sweep import sweep
 
 SHA = "cd" * 32
-
-
-def tiny_record() -> ExitRecord:
-    """3 samples x 3 exits x 3 classes (max probs 0.8/0.7/0.9, ...); costs 1, 2, 4 MACs, full network 3.5."""
-    p = [[[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.9, 0.05, 0.05]],
-         [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]],
-         [[0.5, 0.3, 0.2], [0.4, 0.35, 0.25], [0.2, 0.1, 0.7]]]
-    return ExitRecord(logits=torch.tensor(p).log(), labels=torch.tensor([0, 1, 2]), indices=torch.arange(3),
-                      costs=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), full_cost=3.5)
-
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, last_boost: float = 0.0) -> ExitRecord:
-    """Random logits whose later exits are more often right; last_boost adds to the last exit's true logit."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    logits[torch.arange(n), -1, labels] += last_boost
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      meta={"checkpoint_sha256": SHA})
+random_record = partial(testing.random_record, sha=SHA)  # [N, 4, 5], one pretend checkpoint
 
 
 # ---- features, exit probabilities, the loss ------------------------------------------------------------------
@@ -116,11 +100,10 @@ def test_alpha_grid_equals_separate_fits():
 def test_alpha_sweep_equals_one_fit_per_point():
     cal, test = random_record(seed=5), random_record(seed=6)
     points = [{"alpha": a, "steps": 100} for a in (0.2, 0.5, 0.8)] + [{"alpha": 0.5, "hidden": 3, "steps": 100}]
-    fast = sweep("alpha", cal, test, points)
-    sums, _ = Policy._points_sums.__func__(AlphaPolicy, points, cal, test)  # the base class's loop
-    slow = sums[:, :2] / test.n  # accuracy, mean MACs
-    assert fast["accuracy"].tolist() == pytest.approx(slow[:, 0].tolist(), abs=0.01)
-    assert fast["mean_macs"].tolist() == pytest.approx(slow[:, 1].tolist(), rel=0.01)
+    fast = sweep("alpha", cal, test, points)  # the family's batched fit_grid
+    slow = sweep(lambda **p: AlphaPolicy(**p), cal, test, points)  # a plain factory: one fit per point
+    assert fast["accuracy"].tolist() == pytest.approx(slow["accuracy"].tolist(), abs=0.01)
+    assert fast["mean_macs"].tolist() == pytest.approx(slow["mean_macs"].tolist(), rel=0.01)
 
 
 def test_same_seed_same_gates():
@@ -156,7 +139,7 @@ def test_charged_costs_by_hand():
 
 
 def test_gate_macs_by_hand_and_charged_by_evaluate_and_sweep():
-    rec = tiny_record()
+    rec = stairs_record()  # costs 1, 2, 4 MACs, full network 3.5
     policy = AlphaPolicy(alpha=0.3, hidden=4).fit(rec)
     gate = (5 + 3) * 4 + 4 * 1  # features [8] x hidden [4], then hidden [4] x 1
     assert policy.overhead_macs(3, 3).tolist() == [gate, gate, 0.0]  # the last exit evaluates no gate
@@ -214,7 +197,7 @@ class _ConfidenceAbove(Policy):
 
 
 def test_a_policy_reading_confidences_gets_them_exit_by_exit():
-    rec = tiny_record()
+    rec = stairs_record()  # costs 1, 2, 4 MACs, full network 3.5
     conf = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.6, 0.0], [0.1, 0.3, 0.0]])
     with_conf = ExitRecord(logits=rec.logits, labels=rec.labels, indices=rec.indices, costs=rec.costs,
                            full_cost=rec.full_cost, confidences=conf)

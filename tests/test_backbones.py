@@ -59,11 +59,11 @@ def _small_vgg() -> nn.Module:
 
 def _family_model(name: str) -> tuple[nn.Module, int]:
     """(a torchvision classifier of the family, its input channels): the factories' own builder, 1 channel."""
-    from eelab.models import _bare_torchvision
+    from eelab.models import bare_torchvision
 
     if name == "vgg":
         return _small_vgg(), 3
-    return _bare_torchvision(ModelConfig(name=name, num_classes=5, in_channels=1)), 1
+    return bare_torchvision(ModelConfig(name=name, num_classes=5, in_channels=1)), 1
 
 
 # one per family, with a cut inside a stage where the family allows it and a child of features by position
@@ -156,8 +156,8 @@ def test_model_config_stores_exits_and_old_configs_still_load():
     assert ModelConfig.from_dict(old) == ModelConfig()
     assert plan_exits(ModelConfig(name="densenet121")) == ("features.transition1", "features.transition2",
                                                            "features.transition3")
-    from eelab.models import _default_cuts
-    assert _default_cuts(_small_vgg()) == ("features.3", "features.7", "features.14")   # after each pool but the last
+    from eelab.models import default_cuts
+    assert default_cuts(_small_vgg()) == ("features.3", "features.7", "features.14")   # after each pool but the last
     assert plan_exits(ModelConfig(name="resnet18", exits_schedule="pareto", num_exits=3), (3, 32, 32)) == \
         ("layer1.1", "layer2.0")                          # 20 % and 36 % of the MACs (rule checked above)
     with pytest.raises(EelabError, match="ee_cnn has its exits built in"):
@@ -208,8 +208,10 @@ def _one_line_error(capsys, argv, match):
 
 
 def test_cli_trains_and_records_ee_resnet18_and_resnet50(tmp_path, tiny_folder, capsys):
+    # fp32: on a CPU with native bf16, auto picks bf16, and a resnet50 on 12 images at lr 0.1 then diverges in
+    # some runs (loss nan), old code and new alike; this test is about the CLI and the backbones, not precision
     common = ["--dataset", f"folder:{tiny_folder}", "--epochs", "1", "--batch-size", "6", "--cal-size", "6",
-              "--train-samples", "12", "--quiet", "--json"]
+              "--train-samples", "12", "--quiet", "--json", "--precision", "fp32"]
     runs = {"ee_resnet18": ["--model", "ee_resnet18", "--widths", "4,8,8,16"],
             "resnet50": ["--model", "resnet50", "--exits-after", "layer1,layer2,layer3", "--half-weights"],
             "mobilenet_v2": ["--model", "mobilenet_v2", "--exits-schedule", "pareto", "--num-exits", "3"]}

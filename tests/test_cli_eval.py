@@ -1,25 +1,22 @@
 """`eelab evaluate` and `eelab sweep`, in-process: JSON on stdout, readable tables, one-line errors."""
 from __future__ import annotations
 
-import conftest
-
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
 
+from eelab import testing
 from eelab.cli import main
-from eelab.metrics import evaluate, sweep
+from eelab.metrics import evaluate
 from eelab.policies import make_policy
 from eelab.records import ExitRecord
+from eelab.sweep import sweep
 
 SHA = "ab" * 32
-
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, sha: str = SHA) -> ExitRecord:
-    return conftest.random_record(n, k, c, seed, meta={"checkpoint_sha256": sha, "split": "test"})
+random_record = partial(testing.random_record, sha=SHA, meta={"split": "test"})
 
 
 @pytest.fixture()

@@ -92,11 +92,26 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path,
                                                                      "state.pt"]
 
 
+def test_eenet_under_two_processes_syncs_logits_and_confidences(tmp_path, tiny_folder):
+    # eenet needs logits and confidences from one forward pass, and that pass must go through the
+    # DistributedDataParallel wrapper, or the ranks' gradients would not be averaged and the weights would drift
+    cfg = _nobn_config(tiny_folder, objective="eenet", cost_weight=0.5)
+    train(cfg, tmp_path / "one", progress=False)
+    _run_ranks(2, cfg, tmp_path / "two")
+    one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    assert any(k.startswith("confidences.") for k in one) and set(one) == set(two)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
 def test_global_batch_must_split_evenly_and_world_comes_from_torchrun_variables(tmp_path, tiny_folder, monkeypatch):
-    with pytest.raises(EelabError, match="--batch-size 7 is the global batch.*multiple of 2"):
-        training._train(_nobn_config(tiny_folder, batch_size=7), tmp_path / "x", False, False, None, False,
-                        torch.device("cpu"), 0, 2)
     assert training._world() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(EelabError, match="--batch-size 7 is the global batch.*multiple of 2"):
+        train(_nobn_config(tiny_folder, batch_size=7), tmp_path / "x", progress=False)   # before any process group
+    assert not (tmp_path / "x").exists()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -5,10 +5,12 @@ gymnasium interface (check_env, stable-baselines3)."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
+from eelab import testing
 from eelab.cli import main
 from eelab.errors import EelabError
 from eelab.metrics import evaluate
@@ -16,30 +18,13 @@ from eelab.policies import DQNPolicy, ExitEnv, exit_features, make_policy, train
 from eelab.policies.dqn import DQNConfig, q_values
 from eelab.policies.exit_env import CONTINUE, EXIT, exit_rewards
 from eelab.records import ExitRecord
+from eelab.testing import record_from_probs, stairs_record
 
-# Softmax probabilities of 3 samples x 3 exits x 3 classes; labels 0, 1, 2. Right at exits:
+# STAIRS_P (eelab.testing): 3 samples x 3 exits x 3 classes; labels 0, 1, 2. Right at exits:
 #   s0: T T T     s1: F T T     s2: F F T
-TINY_P = [
-    [[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.9, 0.05, 0.05]],
-    [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]],
-    [[0.5, 0.3, 0.2], [0.4, 0.35, 0.25], [0.2, 0.1, 0.7]],
-]
-
-
-def tiny_record() -> ExitRecord:
-    """Costs 1, 1.5, 4 MACs (not proportional to the exit index), full network 3.5."""
-    return ExitRecord(logits=torch.tensor(TINY_P).log(), labels=torch.tensor([0, 1, 2]), indices=torch.arange(3),
-                      costs=torch.tensor([1.0, 1.5, 4.0], dtype=torch.float64), full_cost=3.5)
-
-
-def random_record(n: int = 400, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
-    """Random logits whose later exits are more often right."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6)
+# Costs 1, 1.5, 4 MACs (not proportional to the exit index), full network 3.5.
+tiny_record = partial(stairs_record, costs=(1.0, 1.5, 4.0))
+random_record = partial(testing.random_record, n=400)  # [N, 4, 5], later exits more often right
 
 
 # A record with known P(right | features): each sample has a difficulty d; at exit k its top probability is
@@ -116,19 +101,22 @@ def test_gymnasium_check_env_passes():
     check_env(ExitEnv(random_record(n=50), cost_weight=0.2), skip_render_check=True)
 
 
-def test_stable_baselines3_dqn_trains_on_the_env():
+def test_stable_baselines3_dqn_learns_when_to_stop_on_the_env():
     sb3 = pytest.importorskip("stable_baselines3")
-    env = ExitEnv(random_record(n=200), cost_weight=0.2)
-    model = sb3.DQN("MlpPolicy", env, learning_starts=50, buffer_size=1000, train_freq=4, seed=0, verbose=0,
-                    policy_kwargs={"net_arch": [16]}, device="cpu")
-    model.learn(total_timesteps=300)
-    obs, _ = env.reset(seed=1)
-    for _ in range(20):
-        action, _ = model.predict(obs, deterministic=True)
-        assert int(action) in (CONTINUE, EXIT)
-        obs, _, terminated, _, _ = env.step(int(action))
-        if terminated:
-            obs, _ = env.reset()
+    # K = 2, costs 0.1 and 1 of full. Even samples: exit 0 right and sure (0.95); odd: exit 0 wrong and unsure
+    # (0.4); the last exit always right. Cost weight 0.5, so rewards (exit 0, last exit) are (0.95, 0.5) for
+    # even and (-0.05, 0.5) for odd samples: stop the sure ones, go on with the unsure ones (mean 0.725); the
+    # best single action earns 0.5 (always continue), always exiting 0.45.
+    probs = [[[0.95, 0.03, 0.02], [0.8, 0.1, 0.1]], [[0.4, 0.35, 0.25], [0.1, 0.8, 0.1]]] * 50
+    rec = record_from_probs(probs, [0, 1] * 50, costs=(0.1, 1.0), full_cost=1.0)
+    env = ExitEnv(rec, cost_weight=0.5)
+    model = sb3.DQN("MlpPolicy", env, learning_rate=3e-3, learning_starts=100, buffer_size=2000, train_freq=1,
+                    exploration_fraction=0.5, seed=0, verbose=0, policy_kwargs={"net_arch": [16]}, device="cpu")
+    model.learn(total_timesteps=600)  # each of sb3 seeds 0..13 learns it in 600 steps
+    actions = torch.as_tensor(model.predict(env.features[:, 0].numpy(), deterministic=True)[0])
+    rewards = torch.where(actions == EXIT, torch.tensor([0.95, -0.05] * 50), torch.tensor(0.5))  # by hand
+    assert float(rewards.mean()) > 0.5 + 0.2, actions.tolist()  # above any fixed action: it reads the state
+    assert actions.tolist() == [EXIT, CONTINUE] * 50
 
 
 # ---- the published agent's defects are absent --------------------------------------------------------------
@@ -235,7 +223,7 @@ def test_bad_parameters_are_one_line_errors(params, match):
 
 
 def test_live_reports_change_nothing_and_match_the_fitted_agent():
-    cal = random_record(600, seed=7)
+    cal = random_record(n=600, seed=7)
     rows = []
     live = DQNPolicy(cost_weight=0.4, steps=120).fit(cal, callback=rows.append, every=25)
     quiet = DQNPolicy(cost_weight=0.4, steps=120).fit(cal)

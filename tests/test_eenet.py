@@ -6,7 +6,8 @@ from torch import nn
 from eelab.errors import EelabError
 from eelab.models import ModelConfig, MultiExitNet, add_confidence_branches, build_model, measure_costs
 from eelab.records import record_checkpoint
-from eelab.training import eenet_loss, load_checkpoint, train
+from eelab.checkpoint import load_checkpoint
+from eelab.training import eenet_loss, train
 
 from conftest import tiny_config
 
@@ -35,7 +36,7 @@ def test_confidence_branch_costs_by_hand():
     # as test_models' hand count, plus the branches: Linear(2, 1) = 2 MACs at exit 0, Linear(4, 1) = 4 at exit 1
     assert costs.tolist() == [288 + 96 + 2, 288 + 96 + 2 + 1152 + 12 + 4]
     assert full == 288 + 1152 + 12
-    logits, conf = m(torch.randn(5, 1, 4, 4))
+    logits, conf = m.forward_with_confidences(torch.randn(5, 1, 4, 4))
     assert logits.shape == (5, 2, 3) and conf.shape == (5, 2) and ((conf > 0) & (conf < 1)).all()
 
 

@@ -8,45 +8,25 @@ import json
 import math
 import statistics
 import time
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
 
+from eelab import testing
 from eelab.errors import EelabError
 from eelab.metrics import (area_under_frontier, bootstrap_ci, evaluate, expected_calibration_error, frontier_range,
-                           oracle_frontier, pareto_front, sweep)
+                           oracle_frontier, pareto_front)
 from eelab.policies import POLICIES, default_grid, make_policy
-from eelab.records import ExitRecord
+from eelab.sweep import sweep
 
-# 4 samples x 3 exits x 3 classes given as softmax probabilities; labels 0, 1, 2, 0. Max prob / right:
+# TINY_P (eelab.testing): 4 samples x 3 exits x 3 classes, labels 0, 1, 2, 0; costs 1, 2, 4 MACs, full 3.5.
+# Max prob / right:
 #   s0: 0.95 T  0.90 T    0.99 T      s1: 0.5005 F  0.70 T  0.85 T
 #   s2: 0.41 F  0.6005 F  0.50 T      s3: 0.70 T    0.45 F  0.70 F
-TINY_P = [
-    [[0.95, 0.03, 0.02], [0.90, 0.05, 0.05], [0.99, 0.005, 0.005]],
-    [[0.5005, 0.2995, 0.2], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05]],
-    [[0.41, 0.35, 0.24], [0.6005, 0.2995, 0.1], [0.3, 0.2, 0.5]],
-    [[0.7, 0.2, 0.1], [0.35, 0.45, 0.2], [0.2, 0.1, 0.7]],
-]
-RIGHT = [[1, 1, 1], [0, 1, 1], [0, 0, 1], [1, 0, 0]]
-
-
-def tiny_record(labels=(0, 1, 2, 0)) -> ExitRecord:
-    """The table above; costs 1, 2, 4 MACs, full network 3.5; class names a, b, c."""
-    return ExitRecord(logits=torch.tensor(TINY_P).log(), labels=torch.tensor(labels), indices=torch.arange(4),
-                      costs=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), full_cost=3.5,
-                      meta={"class_names": ["a", "b", "c"]})
-
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    confidences = torch.rand(n, k, generator=gen)  # drawn last: the logits above are unchanged
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      confidences=confidences)
+tiny_record = partial(testing.tiny_record, meta={"class_names": ["a", "b", "c"]})
+random_record = partial(testing.random_record, confidences=True)  # confidences drawn after the logits
 
 
 # ---- evaluate by hand --------------------------------------------------------------------------------

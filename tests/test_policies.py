@@ -3,52 +3,29 @@ vectorised sweeps == loops, parameters from strings, and save/load."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from eelab.errors import EelabError
-from eelab.metrics import evaluate, sweep
-from eelab.policies import (POLICIES, BudgetPolicy, OraclePolicy, ThresholdPolicy, default_grid, exit_values,
-                            first_exits, load_policy, make_policy, oracle_exits, run_policy, score_logits,
-                            sum_at_exits, sum_at_shared_threshold)
+from eelab.metrics import evaluate
+from eelab.policies import (POLICIES, BudgetPolicy, OraclePolicy, ThresholdPolicy, default_grid, first_exits,
+                            load_policy, make_policy, run_policy, score_logits)
+from eelab.metrics import exit_values, oracle_exits, sum_at_exits, sum_at_shared_threshold
 from eelab.policies.budget import solve_fractions
 from eelab.policies.threshold import fit_temperatures
+from eelab import testing
 from eelab.records import ExitRecord
+from eelab.testing import tiny_record
+from eelab.sweep import sweep
 
-# Softmax probabilities of 4 samples x 3 exits x 3 classes; logits = log(p). Labels 0, 1, 2, 0.
+# TINY_P (eelab.testing): 4 samples x 3 exits x 3 classes, labels 0, 1, 2, 0; costs 1, 2, 4 MACs, full 3.5.
 # Max-prob scores and whether each exit is right (hand-read from the table):
 #   s0: 0.95 T  0.90 T  0.99 T      s1: 0.5005 F  0.70 T    0.85 T
 #   s2: 0.41 F  0.6005 F  0.50 T    s3: 0.70 T    0.45 F    0.70 F
-TINY_P = [
-    [[0.95, 0.03, 0.02], [0.90, 0.05, 0.05], [0.99, 0.005, 0.005]],
-    [[0.5005, 0.2995, 0.2], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05]],
-    [[0.41, 0.35, 0.24], [0.6005, 0.2995, 0.1], [0.3, 0.2, 0.5]],
-    [[0.7, 0.2, 0.1], [0.35, 0.45, 0.2], [0.2, 0.1, 0.7]],
-]
-TINY_LABELS = [0, 1, 2, 0]
-
-
-def tiny_record() -> ExitRecord:
-    """The 4 x 3 x 3 record above; costs 1, 2, 4 MACs, full network 3.5."""
-    return ExitRecord(logits=torch.tensor(TINY_P).log(), labels=torch.tensor(TINY_LABELS), indices=torch.arange(4),
-                      costs=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), full_cost=3.5)
-
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0, ties: bool = False) -> ExitRecord:
-    """Random logits whose later exits are more often right; ties=True rounds logits to create equal scores."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = 1.5 * torch.randn(n, k, c, generator=gen)
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.5, k)
-    if ties:
-        logits = logits.round()
-    confidences = torch.rand(n, k, generator=gen)  # drawn last, so the logits above stay as they were
-    if ties:
-        confidences = confidences.mul(4).round().div(4)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.linspace(0.3, 1.1, k, dtype=torch.float64) * 1e6, full_cost=1e6,
-                      confidences=confidences)
+# random_record here carries confidences [N, K] (drawn after the logits); ties=True rounds both.
+random_record = partial(testing.random_record, confidences=True)
 
 
 def slow_decide(policy, record: ExitRecord) -> torch.Tensor:
@@ -272,18 +249,37 @@ def test_threshold_sweep_equals_decide_point_by_point(grid):
             assert row[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), (point, key)
 
 
-def _quick(name: str, grid: list[dict]) -> list[dict]:
-    """The default grid, with fewer DQN updates: these tests check plumbing, not convergence."""
-    return [dict(point, steps=60) for point in grid] if name == "dqn" else grid
+def _values(name: str, cal: ExitRecord, key: str) -> list:
+    return [point[key] for point in default_grid(name, cal)]
 
 
-def test_default_grids_run_for_every_policy():
-    cal, test = random_record(seed=6), random_record(seed=7)
+@pytest.mark.parametrize("k", [4, 3])
+def test_default_grids_are_valid_distinct_and_span_each_parameter(k):
+    cal = random_record(k=k, seed=6)  # costs linspace(0.3, 1.1, K) MACs of a full network of 1e6
     for name in POLICIES:
-        grid = _quick(name, default_grid(name, cal))
-        table = sweep(name, cal, test, grid)
-        assert len(table) == len(default_grid(name, cal)) > 0
-        assert table["accuracy"].between(0, 1).all()
+        grid = default_grid(name, cal)
+        assert grid and all(isinstance(point, dict) for point in grid), name
+        assert len({tuple(sorted(point.items())) for point in grid}) == len(grid), f"{name}: duplicate points"
+        for point in grid:  # every point is a valid policy that keeps the value it was given
+            policy = make_policy(name, **point)
+            assert all(policy.params[key] == value for key, value in point.items()), (name, point)
+    assert _values("static", cal, "exit") == list(range(k))
+    assert _values("patience", cal, "patience") == list(range(1, k + 1))  # patience K never exits early
+    budgets = _values("budget", cal, "budget")  # what the model can meet: cheapest exit .. last exit
+    assert budgets == sorted(budgets) and len(budgets) > 10
+    assert budgets[0] == pytest.approx(0.3) and budgets[-1] == pytest.approx(1.1)
+    for name, key in (("threshold", "threshold"), ("confidence", "threshold"), ("alpha", "alpha")):
+        values = _values(name, cal, key)  # both ends of the knob: everyone leaves at exit 0 / at the last
+        assert values == sorted(values) and values[0] == 0.0 and values[-1] == 1.0 and len(values) > 10, name
+    # threshold: quantiles of the early exits' max-prob scores on cal (900 or 600 distinct scores)
+    thresholds = torch.tensor(_values("threshold", cal, "threshold")[1:-1], dtype=torch.float64)
+    scores = cal.logits[:, :-1].softmax(-1).amax(-1).reshape(-1).double()
+    assert len(thresholds) > 150 and scores.min() <= thresholds.min() and thresholds.max() <= scores.max()
+    assert float((scores <= thresholds.median()).double().mean()) == pytest.approx(0.5, abs=0.02)
+    for name, key in (("risk", "epsilon"), ("dqn", "cost_weight")):
+        values = _values(name, cal, key)
+        assert values == sorted(values) and len(values) > 5, name
+    assert _values("dqn", cal, "cost_weight")[0] == 0.0  # accuracy only, the top of the frontier
 
 
 # ---- parameters ----------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 
 import pytest
@@ -5,15 +6,14 @@ import torch
 
 from eelab.errors import EelabError
 from eelab.records import ExitRecord, check_same_model, load_record, record_checkpoint
-from eelab.training import load_checkpoint
+from eelab.testing import random_record
+from eelab.checkpoint import load_checkpoint
 
 
-def _record(n=4, k=3, c=5, conf=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ExitRecord(logits=torch.randn(n, k, c, generator=g), labels=torch.arange(n) % c,
-                      indices=torch.arange(n) * 2, costs=torch.tensor([1.0, 2.0, 3.5])[:k].double(),
-                      full_cost=3.0, meta={"model": "toy"},
-                      confidences=torch.rand(n, k, generator=g) if conf else None)
+def _record(n: int = 4, k: int = 3, conf: bool = False) -> ExitRecord:
+    """[n, k, 5] with indices 0, 2, 4, ... (not the row numbers), costs 1, 2, 3.5 MACs, full 3, model 'toy'."""
+    rec = random_record(n, k, 5, confidences=conf, costs=[1.0, 2.0, 3.5][:k], full_cost=3.0, meta={"model": "toy"})
+    return dataclasses.replace(rec, indices=rec.indices * 2)
 
 
 def test_record_from_checkpoint(tiny_checkpoint):

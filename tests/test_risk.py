@@ -3,44 +3,26 @@ two guarantees checked over 200 cal draws from a generator whose population risk
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from scipy.stats import binom
 
+from eelab import testing
 from eelab.errors import EelabError
 from eelab.policies import RiskPolicy, make_policy
 from eelab.policies.risk import hoeffding_bentkus_pvalue, lambda_grid, risk_curves
 from eelab.records import ExitRecord
+from eelab.testing import TINY_LABELS, TINY_P, record_from_probs
 
-# 4 samples x 3 exits x 3 classes as probabilities; labels 0, 1, 2, 0. Max prob / right:
+# TINY_P (eelab.testing): 4 samples x 3 exits x 3 classes; labels 0, 1, 2, 0. Max prob / right:
 #   s0: 0.95 T  0.90 T    0.99 T      s1: 0.5005 F  0.70 T  0.85 T
 #   s2: 0.41 F  0.6005 F  0.50 T      s3: 0.70 T    0.45 F  0.70 F
-TINY_P = [
-    [[0.95, 0.03, 0.02], [0.90, 0.05, 0.05], [0.99, 0.005, 0.005]],
-    [[0.5005, 0.2995, 0.2], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05]],
-    [[0.41, 0.35, 0.24], [0.6005, 0.2995, 0.1], [0.3, 0.2, 0.5]],
-    [[0.7, 0.2, 0.1], [0.35, 0.45, 0.2], [0.2, 0.1, 0.7]],
-]
-
-
-def record_from_probs(probs, labels) -> ExitRecord:
-    n, k = len(probs), len(probs[0])
-    return ExitRecord(logits=torch.tensor(probs).log(), labels=torch.tensor(labels), indices=torch.arange(n),
-                      costs=torch.arange(1, k + 1, dtype=torch.float64), full_cost=float(k))
-
-
-def tiny_record() -> ExitRecord:
-    return record_from_probs(TINY_P, [0, 1, 2, 0])
-
-
-def random_record(n: int = 200, k: int = 4, c: int = 4, seed: int = 0) -> ExitRecord:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(c, (n,), generator=gen)
-    logits = (1.5 * torch.randn(n, k, c, generator=gen)).round(decimals=1)  # rounding makes ties
-    logits[torch.arange(n), :, labels] += torch.linspace(0.0, 2.0, k)
-    return ExitRecord(logits=logits, labels=labels, indices=torch.arange(n),
-                      costs=torch.arange(1, k + 1, dtype=torch.float64), full_cost=float(k))
+tiny_record = partial(record_from_probs, TINY_P, TINY_LABELS)  # costs 1..K MACs, full network K
+# 200 x 4 x 4, logits rounded to 0.1 before the true class's boost (0 .. 2): many equal scores
+random_record = partial(testing.random_record, 200, 4, 4, boost=(0.0, 2.0), noise_decimals=1,
+                        costs=(1.0, 2.0, 3.0, 4.0), full_cost=4.0)
 
 
 # ---- by hand -------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import eelab.training as training
+from eelab.checkpoint import load_checkpoint
 from eelab.errors import EelabError
-from eelab.training import load_checkpoint, train
+from eelab.training import TrainConfig, train
 
 from conftest import tiny_config
 
@@ -55,8 +57,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_folder):
     assert json.loads((tmp_path / "cut" / "history.json").read_text())[-1]["epoch"] == 1
     with pytest.raises(EelabError, match="--resume"):
         train(cfg, tmp_path / "cut", progress=False)          # never overwrite a run silently
-    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    # eval_batch_size may change on resume (it only batches the watched cal check): the new value is used
+    train(replace(cfg, eval_batch_size=5), tmp_path / "cut", resume=True, progress=False)
     assert _same(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["train"]["eval_batch_size"] == 5
     h_full = json.loads((tmp_path / "full" / "history.json").read_text())
     h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [h["train_loss"] for h in h_full] == [h["train_loss"] for h in h_cut]
@@ -113,12 +117,12 @@ def test_multi_exit_loss_hand_computed():
 
 def test_precision_choice():
     cpu = torch.device("cpu")
-    assert training.choose_precision("fp32", cpu) == (None, True)
-    assert training.choose_precision("bf16", cpu) == (torch.bfloat16, True)
-    assert training.choose_precision("auto", cpu, bf16_flags=["avx512_bf16"]) == (torch.bfloat16, True)
-    assert training.choose_precision("auto", cpu, bf16_flags=[]) == (None, True)
+    assert training.choose_precision("fp32", cpu) is None
+    assert training.choose_precision("bf16", cpu) == torch.bfloat16
+    assert training.choose_precision("auto", cpu, bf16_flags=["avx512_bf16"]) == torch.bfloat16
+    assert training.choose_precision("auto", cpu, bf16_flags=[]) is None
     auto = training.choose_precision("auto", cpu)
-    assert auto == ((torch.bfloat16, True) if training.cpu_bf16_flags() else (None, True))
+    assert auto == (torch.bfloat16 if training.cpu_bf16_flags() else None)
     with pytest.raises(EelabError, match="CUDA"):
         training.choose_precision("fp16", cpu)
 
@@ -134,7 +138,50 @@ def test_bf16_flags_read_from_cpuinfo():
 
 
 def test_bad_options_are_clear(tmp_path, tiny_folder):
-    with pytest.raises(EelabError, match="train-samples"):
+    with pytest.raises(EelabError, match="--train-samples 10000 is more than the 18 training images"):
         train(tiny_config(tiny_folder, train_samples=10_000), tmp_path / "x", progress=False)
     with pytest.raises(EelabError, match="loss-weights needs 2"):
         train(tiny_config(tiny_folder, loss_weights=(1.0,)), tmp_path / "y", progress=False)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"optimizer": "adam"}, "unknown optimizer 'adam'; use one of sgd, adamw"),
+    ({"schedule": "step"}, "unknown schedule 'step'; use one of onecycle, cosine"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'; use one of auto, fp32, bf16, fp16"),
+    ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+    ({"batch_size": 1}, "--batch-size must be at least 2"),
+    ({"lr": -0.1}, "--lr must be above 0, got -0.1"),
+    ({"label_smoothing": 1.0}, "--label-smoothing must be in [0, 1), got 1.0"),
+    ({"loss_weights": (1.0, -1.0)}, "--loss-weights must be one value of at least 0 per exit"),
+    ({"train_samples": 0}, "--train-samples must be at least 1, got 0"),
+    ({"cal_size": -1}, "--cal-size must be at least 0, got -1"),
+    ({"cost_weight": -1.0}, "--cost-weight must be at least 0"),
+    ({"heads_only": True}, "--heads-only trains heads on a trained backbone: pass --init CHECKPOINT"),
+    ({"plain": True, "distill": 0.5}, "--plain trains the last exit alone; drop --loss-weights and --distill"),
+    ({"objective": "eenet", "plain": True}, "drop --plain/--heads-only"),
+])
+def test_config_refuses_bad_values_when_made(changes, message):
+    with pytest.raises(EelabError) as e:
+        TrainConfig(**changes)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    TrainConfig.from_dict(TrainConfig().to_dict())          # the defaults pass, and survive a round trip
+
+
+def test_resume_refuses_a_changed_config_and_takes_the_original_one(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.chdir(tiny_folder.parent)
+    cfg = tiny_config(tiny_folder, epochs=1, dataset=f"folder:{tiny_folder.name}")   # a relative path
+    train(cfg, tmp_path / "r", progress=False)
+    for changed, flags in [({"lr": 0.01}, "--lr"), ({"epochs": 2, "seed": 3}, "--epochs, --seed"),
+                           ({"model": replace(cfg.model, head="linear")}, "--head"),
+                           ({"augment": False}, "--no-augment")]:
+        with pytest.raises(EelabError, match=f"but {flags} changed; drop (it|them) or train into a new --out"):
+            train(replace(cfg, **changed), tmp_path / "r", resume=True, progress=False)
+    # the config as first given (relative folder, default classes and channels) resolves to the saved one
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["model"]["num_classes"] == 3 and saved["dataset"] == f"folder:{tiny_folder.resolve()}"
+    assert cfg.model.num_classes == 10
+    before = _weights(tmp_path / "r")
+    train(cfg, tmp_path / "r", resume=True, progress=False)                  # a finished run: nothing to do
+    assert _same(before, _weights(tmp_path / "r"))
+    with pytest.raises(EelabError, match="nothing to resume"):
+        train(cfg, tmp_path / "none", resume=True, progress=False)

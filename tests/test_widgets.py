@@ -3,22 +3,21 @@ for that value; a move fits nothing and decides nothing; training grows the curv
 writes files."""
 from __future__ import annotations
 
-import conftest
+from functools import partial
 
 import pytest
 import torch
 from conftest import tiny_config
 from matplotlib.figure import Figure
 
-from eelab import widgets, workbench
+from eelab import testing, widgets
 from eelab.errors import EelabError
 from eelab.metrics import evaluate, oracle_frontier, pareto_front
 from eelab.policies import Policy, RiskPolicy, make_policy
-from eelab.records import ExitRecord
+from eelab.sweep import precompute_grid
+from eelab.records import latency_record
 
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
-    return conftest.random_record(n, k, c, seed, meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
+random_record = partial(testing.random_record, sha="cd" * 32, meta={"class_names": list("vwxyz")})
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,13 @@ def pair():
 @pytest.fixture(scope="module")
 def latency(pair):
     profile = {"stages": [{"cumulative_ms": ms} for ms in (0.2, 0.7, 0.9, 1.6)], "plain_ms": 1.5}
-    return workbench.latency_record(pair[1], profile)
+    return latency_record(pair[1], profile)
 
 
 @pytest.fixture(scope="module")
 def grids(pair, latency):
     cal, test = pair
-    return {name: workbench.precompute_grid(name, cal, test, latency=latency, max_points=15)
+    return {name: precompute_grid(name, cal, test, latency=latency, max_points=15)
             for name in ("static", "threshold", "patience", "budget", "risk", "oracle")}
 
 
@@ -103,7 +102,7 @@ def test_initial_state_is_the_family_default_and_latency_axis_works(grids):
 
 def test_risk_sliders_show_the_guarantee_and_the_realised_test_risk(pair, monkeypatch):
     cal, test = pair
-    grid = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.05, 0.1, 0.2], "delta": [0.05, 0.2]})
+    grid = precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.05, 0.1, 0.2], "delta": [0.05, 0.2]})
     panel = widgets.RiskControlPanel(grid)
     fresh = RiskPolicy(epsilon=0.1, delta=0.2).fit(cal)  # computed apart, before the sliders move
     m = evaluate(test, fresh.decide(test))
@@ -206,7 +205,7 @@ def test_dqn_panel_draws_training_live_then_finds_the_agents_again(pair, tmp_pat
     again = widgets.DQNTrainingPanel(cal, test, cost_weights=[0.1, 0.8], params={"steps": 60}, cache=tmp_path)
     assert again.train().table["accuracy"].tolist() == grid.table["accuracy"].tolist()
     assert [list(t.y) for t in again.reward_figure.data] == [list(t.y) for t in panel.reward_figure.data]
-    found = workbench.precompute_grid("dqn", cal, test, [{"cost_weight": 0.1, "steps": 60}], cache=tmp_path)
+    found = precompute_grid("dqn", cal, test, [{"cost_weight": 0.1, "steps": 60}], cache=tmp_path)
     assert found.table.loc[0, "accuracy"] == grid.table.loc[0, "accuracy"]
     assert set(panel.paper_figures()) == {"dqn_training"}
     with pytest.raises(EelabError, match="hidden"):

@@ -1,40 +1,26 @@
-"""workbench: precomputed grids equal metrics.sweep and per-point evaluate; hand-computed matched points,
+"""sweep and workbench: precomputed grids equal sweep() and per-point evaluate; hand-computed matched points,
 latency pricing, risk, reliability bins; the fit cache; examples with and without the dataset."""
 from __future__ import annotations
 
-import conftest
-
 import math
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
 
-from eelab import workbench
+from eelab import testing, workbench
 from eelab.errors import EelabError
-from eelab.metrics import evaluate, expected_calibration_error, sweep
+from eelab.metrics import evaluate, expected_calibration_error
 from eelab.policies import POLICIES, Policy, RiskPolicy, ThresholdPolicy, make_policy
 from eelab.records import ExitRecord
+from eelab.sweep import precompute_grid, precompute_grids, sweep
+from eelab.records import latency_record, load_records
 
-# 4 samples x 3 exits x 3 classes as softmax probabilities, labels 0, 1, 2, 0 (as in test_metrics).
+# TINY_P (eelab.testing): 4 samples x 3 exits x 3 classes, labels 0, 1, 2, 0; costs 1, 2, 4 MACs, plain 3.5.
 # right at exit 0 / 1 / 2:  s0 T T T   s1 F T T   s2 F F T   s3 T F F   -> exit accuracy 0.5, 0.5, 0.75
-TINY_P = [
-    [[0.95, 0.03, 0.02], [0.90, 0.05, 0.05], [0.99, 0.005, 0.005]],
-    [[0.5005, 0.2995, 0.2], [0.2, 0.7, 0.1], [0.1, 0.85, 0.05]],
-    [[0.41, 0.35, 0.24], [0.6005, 0.2995, 0.1], [0.3, 0.2, 0.5]],
-    [[0.7, 0.2, 0.1], [0.35, 0.45, 0.2], [0.2, 0.1, 0.7]],
-]
-
-
-def tiny_record() -> ExitRecord:
-    """Costs 1, 2, 4 MACs, plain network 3.5."""
-    return ExitRecord(logits=torch.tensor(TINY_P).log(), labels=torch.tensor([0, 1, 2, 0]), indices=torch.arange(4),
-                      costs=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), full_cost=3.5,
-                      meta={"class_names": ["a", "b", "c"], "checkpoint_sha256": "ab" * 32})
-
-
-def random_record(n: int = 300, k: int = 4, c: int = 5, seed: int = 0) -> ExitRecord:
-    return conftest.random_record(n, k, c, seed, meta={"checkpoint_sha256": "cd" * 32, "class_names": list("vwxyz")})
+tiny_record = partial(testing.tiny_record, meta={"class_names": ["a", "b", "c"], "checkpoint_sha256": "ab" * 32})
+random_record = partial(testing.random_record, sha="cd" * 32, meta={"class_names": list("vwxyz")})
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def pair() -> tuple[ExitRecord, ExitRecord]:
                                        ("budget", None), ("static", None), ("patience", None), ("oracle", None)])
 def test_grid_rows_equal_sweep_and_evaluate(pair, name, grid):
     cal, test = pair
-    g = workbench.precompute_grid(name, cal, test, grid)
+    g = precompute_grid(name, cal, test, grid)
     table = sweep(name, cal, test, grid)
     assert len(g) == len(table) == len(g.points) == g.exits.shape[0]
     for col in ("accuracy", "mean_macs", "rel_macs", "compute_saved", "effectiveness", "effectiveness_block_index"):
@@ -62,41 +48,41 @@ def test_grid_rows_equal_sweep_and_evaluate(pair, name, grid):
 
 
 def test_grid_params_values_and_find(pair):
-    g = workbench.precompute_grid("risk", *pair, {"epsilon": [0.1, 0.02], "delta": [0.2, 0.05]})
+    g = precompute_grid("risk", *pair, {"epsilon": [0.1, 0.02], "delta": [0.2, 0.05]})
     assert g.params == ["epsilon", "delta"]
     assert g.values("epsilon") == [0.02, 0.1] and g.values("delta") == [0.05, 0.2]
     i = g.find(epsilon=0.02, delta=0.2)
     assert g.policies[i].params["epsilon"] == 0.02 and g.policies[i].params["delta"] == 0.2
     assert g.find(epsilon=0.021, delta=0.2) == i  # off the grid: the nearest value
-    assert workbench.precompute_grid("oracle", *pair).params == []
+    assert precompute_grid("oracle", *pair).params == []
 
 
 def test_grid_of_given_fitted_policies_is_not_refitted(pair, monkeypatch):
     cal, test = pair
     fitted = [RiskPolicy(epsilon=e).fit(cal) for e in (0.05, 0.2)]
     monkeypatch.setattr(Policy, "fit", lambda self, cal: pytest.fail("a fitted policy was refitted"))
-    g = workbench.precompute_grid(fitted, cal, test, [{"agent": 1}, {"agent": 2}])
+    g = precompute_grid(fitted, cal, test, [{"agent": 1}, {"agent": 2}])
     assert g.name == "risk" and g.params == ["agent"] and g.policies == fitted
     assert torch.equal(g.exits[1], fitted[1].decide(test))
 
 
 def test_max_points_thins_evenly_and_keeps_both_ends(pair):
-    g = workbench.precompute_grid("threshold", *pair, {"threshold": [i / 10 for i in range(11)]}, max_points=4)
+    g = precompute_grid("threshold", *pair, {"threshold": [i / 10 for i in range(11)]}, max_points=4)
     assert g.values("threshold") == [0.0, 0.3, 0.7, 1.0]
 
 
 def test_fit_cache_saves_fitted_points_and_finds_them_again(pair, tmp_path, monkeypatch):
     cal, test = pair
-    first = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
+    first = precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
     assert len(list(tmp_path.glob("risk-*.pt"))) == 2
-    workbench.precompute_grid("threshold", cal, test, {"threshold": [0.5]}, cache=tmp_path)
+    precompute_grid("threshold", cal, test, {"threshold": [0.5]}, cache=tmp_path)
     assert not list(tmp_path.glob("threshold-*"))  # nothing learned, nothing cached
     monkeypatch.setattr(RiskPolicy, "_fit", lambda self, cal: pytest.fail("a cached point was fitted again"))
-    again = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
+    again = precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1]}, cache=tmp_path)
     pd.testing.assert_frame_equal(first.table, again.table)
     other_cal = cal.subset(slice(0, 200))  # another cal split: another key, fitted afresh
     monkeypatch.undo()
-    workbench.precompute_grid("risk", other_cal, test, {"epsilon": [0.05]}, cache=tmp_path)
+    precompute_grid("risk", other_cal, test, {"epsilon": [0.05]}, cache=tmp_path)
     assert len(list(tmp_path.glob("risk-*.pt"))) == 3
 
 
@@ -109,14 +95,14 @@ def test_batched_fit_grid_hook_is_used(pair):
             calls.append(len(points))
             return [cls(**point).fit(cal) for point in points]
 
-    workbench.precompute_grid(Batched, *pair, {"threshold": [0.2, 0.8]})
+    precompute_grid(Batched, *pair, {"threshold": [0.2, 0.8]})
     assert calls == [2]
 
 
 # ---- hand-computed answers on the tiny record ---------------------------------------------------------
 def test_matched_points_by_hand():
     rec = tiny_record()
-    g = workbench.precompute_grid("static", rec, rec)  # exits 0, 1, 2: accuracy 0.5, 0.5, 0.75; MACs 1, 2, 4
+    g = precompute_grid("static", rec, rec)  # exits 0, 1, 2: accuracy 0.5, 0.5, 0.75; MACs 1, 2, 4
     assert g.table["cal_accuracy"].tolist() == [0.5, 0.5, 0.75]
     assert workbench.matched_point(g, accuracy=0.5) == 0      # cheapest reaching it
     assert workbench.matched_point(g, accuracy=0.6) == 2
@@ -137,13 +123,13 @@ def test_latency_record_prices_exits_in_ms():
     rec = tiny_record()
     profile = {"stages": [{"cumulative_ms": 0.5}, {"cumulative_ms": 1.0}, {"cumulative_ms": 2.0}], "plain_ms": 1.75,
                "batch": 1, "threads": 1}
-    ms = workbench.latency_record(rec, profile)
+    ms = latency_record(rec, profile)
     assert ms.costs.tolist() == [0.5, 1.0, 2.0] and ms.full_cost == 1.75 and ms.meta["cost_unit"] == "ms"
-    g = workbench.precompute_grid("static", rec, rec, latency=ms)
+    g = precompute_grid("static", rec, rec, latency=ms)
     assert g.table["mean_ms"].tolist() == [0.5, 1.0, 2.0]
     assert g.table["rel_ms"].tolist() == pytest.approx(g.table["rel_macs"].tolist())  # ms = MACs / 2 here
     with pytest.raises(EelabError, match="profile"):
-        workbench.latency_record(rec, {"stages": profile["stages"][:2], "plain_ms": 1.0})
+        latency_record(rec, {"stages": profile["stages"][:2], "plain_ms": 1.0})
 
 
 def test_exit_table_by_hand():
@@ -156,7 +142,7 @@ def test_exit_table_by_hand():
 
 def test_summary_over_one_and_two_runs(pair):
     cal, test = pair
-    grids = workbench.precompute_grids(["static", "threshold"], cal, test)
+    grids = precompute_grids(["static", "threshold"], cal, test)
     one = workbench.summarize_policies(grids, tolerance=0.02, budget=0.6)
     assert one["policy"].tolist() == ["static", "threshold"] and one["n_seeds"].tolist() == [1, 1]
     assert one["area_std"].isna().all()
@@ -170,7 +156,7 @@ def test_summary_over_one_and_two_runs(pair):
 
 def test_risk_table_reports_the_realised_test_risk(pair):
     cal, test = pair
-    g = workbench.precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.1, 0.3]})
+    g = precompute_grid("risk", cal, test, {"epsilon": [0.02, 0.1, 0.3]})
     table = workbench.risk_table(g)
     correct = test.logits.argmax(-1) == test.labels.unsqueeze(1)
     for i, policy in enumerate(g.policies):
@@ -179,7 +165,7 @@ def test_risk_table_reports_the_realised_test_risk(pair):
         assert table.at[i, "test_risk"] == pytest.approx(sum(lost) / test.n)
         assert table.at[i, "guarantee"] == policy.guarantee()
     with pytest.raises(EelabError):
-        workbench.risk_table(workbench.precompute_grid("static", cal, test))
+        workbench.risk_table(precompute_grid("static", cal, test))
 
 
 def test_reliability_bins_give_the_metrics_ece(pair):
@@ -211,12 +197,12 @@ def test_load_records_limit_is_a_seeded_subset(tmp_path):
     rec = random_record(n=50)
     rec.save(tmp_path / "cal.pt")
     rec.save(tmp_path / "test.pt")
-    cal, test = workbench.load_records(tmp_path, limit=20)
-    assert cal.n == test.n == 20 and torch.equal(cal.indices, workbench.load_records(tmp_path, limit=20)[0].indices)
+    cal, test = load_records(tmp_path, limit=20)
+    assert cal.n == test.n == 20 and torch.equal(cal.indices, load_records(tmp_path, limit=20)[0].indices)
     assert not torch.equal(cal.indices, torch.arange(20)) and bool((cal.indices.diff() > 0).all())
     (tmp_path / "cal.pt").unlink()
     with pytest.raises(EelabError, match="eelab record .* --split cal"):
-        workbench.load_records(tmp_path)
+        load_records(tmp_path)
 
 
 def test_examples_without_the_dataset_say_how_to_get_it(pair, tmp_path):
@@ -242,7 +228,7 @@ def test_examples_come_from_the_dataset_when_it_is_here(tiny_checkpoint):
 
 def test_families_that_need_fields_the_records_lack_are_left_out(pair):
     with pytest.warns(UserWarning, match=r"confidence left out: it reads the record field\(s\) confidences"):
-        grids = workbench.precompute_grids(["static", "confidence"], *pair)
+        grids = precompute_grids(["static", "confidence"], *pair)
     assert list(grids) == ["static"]
 
 
@@ -254,7 +240,7 @@ def test_every_registered_family_has_a_grid(pair):
 
 def test_sensitivity_table_by_hand(pair):
     cal, test = pair
-    runs = [workbench.precompute_grid("alpha", cal, test, {"alpha": [0.0, 0.5, 1.0], "seed": [s], "steps": [30]})
+    runs = [precompute_grid("alpha", cal, test, {"alpha": [0.0, 0.5, 1.0], "seed": [s], "steps": [30]})
             for s in (0, 1)]
     table = workbench.sensitivity_table(runs, "alpha")
     assert table["alpha"].tolist() == [0.0, 0.5, 1.0] and table["n_seeds"].tolist() == [2, 2, 2]
@@ -279,7 +265,7 @@ def test_alpha_grid_is_fitted_in_one_batched_run_and_cached(pair, tmp_path, monk
     monkeypatch.setattr(alpha_module, "fit_alpha_grid", lambda cal, alphas, **p: calls.append(len(alphas))
                         or real(cal, alphas, **p))
     grid = {"alpha": [0.0, 0.3, 0.6, 0.9], "steps": [20]}
-    first = workbench.precompute_grid("alpha", *pair, grid, cache=tmp_path)
-    again = workbench.precompute_grid("alpha", *pair, grid, cache=tmp_path)
+    first = precompute_grid("alpha", *pair, grid, cache=tmp_path)
+    again = precompute_grid("alpha", *pair, grid, cache=tmp_path)
     assert calls == [4] and len(list(tmp_path.glob("alpha-*.pt"))) == 4  # one run for four alphas, then found
     assert first.table["accuracy"].tolist() == again.table["accuracy"].tolist()

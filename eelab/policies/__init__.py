@@ -1,4 +1,8 @@
-"""Exit policies: a literal registry of families, and how to make or load one by name or file."""
+"""Exit policies: a literal registry of families, and how to make or load one by name or file.
+
+base (Param, Policy, run_policy), params (parsing), files (policy files), features (what learned policies
+read of an exit), and one module per family.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,18 +10,20 @@ from typing import Any
 
 from ..errors import EelabError
 from ..records import ExitRecord
-from .alpha import AlphaPolicy, exit_features, fit_alpha_grid
-from .base import (Param, Policy, charged_costs, count_macs, exit_values, first_exits, load_policy_file, run_policy,
-                   sum_at_exits, sum_at_shared_threshold)
+from .alpha import AlphaPolicy, fit_alpha_grid
+from .base import Param, Policy, run_policy
 from .budget import BudgetPolicy
 from .confidence import ConfidencePolicy
 from .dqn import DQNConfig, DQNPolicy, train_dqn
 from .exit_env import ExitEnv
-from .oracle import OraclePolicy, oracle_exits
+from .features import exit_features, record_features
+from .files import load_policy_file
+from .oracle import OraclePolicy
+from .params import show_value
 from .patience import PatiencePolicy
 from .risk import RiskPolicy
 from .static import StaticPolicy
-from .threshold import ThresholdPolicy, score_logits
+from .threshold import ThresholdPolicy, first_exits, score_logits
 
 POLICIES: dict[str, type[Policy]] = {
     "static": StaticPolicy,
@@ -57,8 +63,7 @@ def default_grid(name: str, cal: ExitRecord) -> list[dict[str, Any]]:
     return POLICIES[name].grid(cal)
 
 
-__all__ = ["POLICIES", "Param", "Policy", "AlphaPolicy", "BudgetPolicy", "DQNConfig", "DQNPolicy", "ExitEnv",
-           "OraclePolicy", "PatiencePolicy", "RiskPolicy", "StaticPolicy", "ConfidencePolicy", "ThresholdPolicy", "charged_costs",
-           "count_macs", "default_grid", "exit_features", "exit_values", "first_exits", "fit_alpha_grid",
-           "load_policy", "make_policy", "oracle_exits", "run_policy", "score_logits", "sum_at_exits",
-           "sum_at_shared_threshold", "train_dqn"]
+__all__ = ["POLICIES", "AlphaPolicy", "BudgetPolicy", "ConfidencePolicy", "DQNConfig", "DQNPolicy", "ExitEnv",
+           "OraclePolicy", "Param", "PatiencePolicy", "Policy", "RiskPolicy", "StaticPolicy", "ThresholdPolicy",
+           "default_grid", "exit_features", "first_exits", "fit_alpha_grid", "load_policy", "make_policy",
+           "record_features", "run_policy", "score_logits", "show_value", "train_dqn"]

@@ -22,35 +22,11 @@ from typing import Any
 import torch
 
 from ..errors import EelabError
+from ..metrics import charged_costs
+from ..models import count_macs
 from ..records import ExitRecord
-from .base import Param, Policy, State, charged_costs, count_macs, exit_values, sum_at_exits
-
-NUM_CONFIDENCE_FEATURES = 5  # top-3 probabilities, entropy score, margin; then a one-hot exit index
-
-
-def exit_features(k: int, logits_k: torch.Tensor, num_exits: int) -> torch.Tensor:
-    """Features of exit k's output that learned policies read: logits_k [B, C] -> float32 [B, 5 + K] in [0, 1].
-
-    Columns: the three largest softmax probabilities, sorted (zero-padded when C < 3); the entropy score
-    1 - H(p) / log C (1 is one-hot); the margin top-1 minus top-2; one-hot of the exit index k over K exits.
-    """
-    if not 0 <= k < num_exits:
-        raise EelabError(f"exit index {k} is outside [0, {num_exits - 1}]")
-    b, c = logits_k.shape
-    p = torch.softmax(logits_k.float(), dim=-1)
-    top = p.topk(min(3, c), dim=-1).values
-    top = torch.cat([top, top.new_zeros(b, 3 - top.shape[1])], dim=1)
-    entropy = 1.0 - torch.special.entr(p).sum(dim=-1) / math.log(max(c, 2))
-    onehot = torch.zeros(b, num_exits)
-    onehot[:, k] = 1.0
-    # rounding can push the entropy score a hair outside [0, 1]; the gym observation space is [0, 1]
-    return torch.cat([top, entropy.clamp(0, 1).unsqueeze(1), (top[:, 0] - top[:, 1]).unsqueeze(1), onehot], 1)
-
-
-def record_features(record: ExitRecord) -> torch.Tensor:
-    """exit_features of every exit of a record, computed exit by exit exactly as a step sees them: [N, K, F]."""
-    return torch.stack([exit_features(k, record.logits[:, k].contiguous(), record.k) for k in range(record.k)], 1)
-
+from .base import Param, Policy, State
+from .features import NUM_CONFIDENCE_FEATURES, exit_features, record_features
 
 def exit_probabilities(gates: torch.Tensor) -> torch.Tensor:
     """P(leave at exit k) when gates fire in order: gates [..., K-1] in [0, 1] -> [..., K], rows sum to 1.
@@ -113,17 +89,6 @@ class AlphaPolicy(Policy):
         return self.gate_logits(k, logits_k) > 0, state  # sigmoid(z) > 0.5 exactly when z > 0
 
     @classmethod
-    def _points_sums(cls, points: list[dict[str, Any]], cal: ExitRecord,
-                     test: ExitRecord) -> tuple[torch.Tensor, list[dict[str, float]]]:
-        # the numbers equal the base class's one-fit-per-point loop up to rounding in the fits (tested)
-        policies = cls.fit_grid(points, cal)
-        sums = torch.zeros(len(points), 3, dtype=torch.float64)
-        for i, policy in enumerate(policies):
-            values = exit_values(test, policy.overhead_macs(test.k, test.c))
-            sums[i] = sum_at_exits(values, policy.decide(test).unsqueeze(0))[0]
-        return sums, [policy.summary() for policy in policies]
-
-    @classmethod
     def fit_grid(cls, points: list[dict[str, Any]], cal: ExitRecord) -> list["AlphaPolicy"]:
         """One fitted policy per point; points that differ only in alpha are fitted in one batched run
         (fit_alpha_grid), so a 21-alpha grid costs about one fit."""
@@ -156,7 +121,7 @@ def fit_alpha_grid(cal: ExitRecord, alphas: list[float] | torch.Tensor, **params
         return []
     fitted, info = _fit_gates(cal, alphas, policies[0].params)
     for policy, tensors, extra in zip(policies, fitted, info):
-        policy.info = {**policy._cal_info(cal), **extra}
+        policy.info = {**policy.cal_info(cal), **extra}
         policy.fitted = {key: value.detach().clone() for key, value in tensors.items()}
     return policies
 
@@ -173,7 +138,7 @@ def _gate_macs(num_exits: int, hidden: int) -> torch.Tensor:
     f = NUM_CONFIDENCE_FEATURES + num_exits
     dummy = {"w1": torch.zeros(1, f, hidden), "b1": torch.zeros(1, hidden), "w2": torch.zeros(1, hidden, 1),
              "b2": torch.zeros(1, 1)}
-    macs = count_macs(lambda: _gate_forward(dummy, 0, torch.zeros(1, f)))
+    macs, _ = count_macs(lambda: _gate_forward(dummy, 0, torch.zeros(1, f)))
     out = torch.full((num_exits,), macs, dtype=torch.float64)
     out[-1] = 0.0
     return out

@@ -22,10 +22,12 @@ from typing import Any, Callable
 import torch
 
 from ..errors import EelabError
+from ..metrics import charged_costs
+from ..models import count_macs
 from ..records import ExitRecord
-from .alpha import NUM_CONFIDENCE_FEATURES, exit_features
-from .base import Param, Policy, State, charged_costs, count_macs
+from .base import Param, Policy, State
 from .exit_env import CONTINUE, EXIT, ExitEnv
+from .features import NUM_CONFIDENCE_FEATURES, exit_features
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,8 @@ class DQNPolicy(Policy):
         """MACs of one Q-network evaluation at every exit but the last (features have no matmul and count 0)."""
         f, h = NUM_CONFIDENCE_FEATURES + num_exits, self.params["hidden"]
         dummy = _init_q(f, h, torch.Generator().manual_seed(0))
-        out = torch.full((num_exits,), count_macs(lambda: q_values(dummy, torch.zeros(1, f))), dtype=torch.float64)
+        macs, _ = count_macs(lambda: q_values(dummy, torch.zeros(1, f)))
+        out = torch.full((num_exits,), macs, dtype=torch.float64)
         out[-1] = 0.0
         return out
 

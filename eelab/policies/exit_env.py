@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import EelabError
+from ..metrics import charged_costs
 from ..records import ExitRecord
-from .alpha import NUM_CONFIDENCE_FEATURES, record_features
-from .base import charged_costs
+from .features import NUM_CONFIDENCE_FEATURES, record_features
 
 CONTINUE, EXIT = 0, 1
 

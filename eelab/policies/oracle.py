@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import EelabError
+from ..metrics import oracle_exits
 from ..records import ExitRecord
 from .base import Policy, State
-
-
-def oracle_exits(record: ExitRecord) -> torch.Tensor:
-    """Earliest exit whose prediction is right, or exit 0 where none is: exits int64 [N]."""
-    correct = record.logits.argmax(dim=-1) == record.labels.unsqueeze(1)  # [N, K]
-    # argmax of a 0/1 row returns its first 1, and 0 for an all-zero row: exactly the rule above
-    return correct.to(torch.uint8).argmax(dim=1)
 
 
 class OraclePolicy(Policy):

@@ -21,8 +21,9 @@ import torch
 from scipy.stats import binom
 
 from ..errors import EelabError
+from ..metrics import sum_at_shared_threshold
 from ..records import ExitRecord
-from .base import Param, Policy, State, sum_at_shared_threshold
+from .base import Param, Policy, State
 from .threshold import score_logits
 
 MODES = ("ltt", "crc")

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from ..errors import EelabError
+from ..metrics import exit_values, sum_at_exits, sum_at_shared_threshold
 from ..records import ExitRecord
-from .base import Param, Policy, State, exit_values, first_exits, sum_at_exits, sum_at_shared_threshold
+from .base import Param, Policy, State
 
 SCORES = ("max_prob", "entropy", "margin")
 
@@ -49,6 +50,20 @@ def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor, iters: int = 60
         grad = ((p * z).sum(-1) - z_y).mean(0)  # d NLL / d beta, [K]
         lo, hi = torch.where(grad < 0, mid, lo), torch.where(grad < 0, hi, mid)
     return (-(lo + hi) / 2).exp().float()
+
+
+def first_exits(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """First exit whose score reaches its threshold, for many threshold vectors at once.
+
+    scores [N, K], thresholds [T, K] -> exits int64 [T, N]; the last exit is taken when none is reached
+    (its threshold is ignored). Equals run_policy with `stop = score_k >= threshold_k`, vectorised.
+    """
+    t, (n, k) = thresholds.shape[0], scores.shape
+    exits = torch.full((t, n), k - 1, dtype=torch.long)
+    thresholds = thresholds.to(scores.dtype)  # step compares in the scores' dtype too
+    for j in range(k - 2, -1, -1):  # backwards, so the earliest reached exit is written last
+        exits.masked_fill_(scores[:, j].unsqueeze(0) >= thresholds[:, j].unsqueeze(1), j)
+    return exits
 
 
 class ThresholdPolicy(Policy):
@@ -105,8 +120,8 @@ class ThresholdPolicy(Policy):
         return self.score_exit(k, logits_k) >= thr, state  # a Python float compares in the scores' dtype
 
     @classmethod
-    def _points_sums(cls, points: list[dict[str, Any]], cal: ExitRecord,
-                     test: ExitRecord) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    def sweep_sums(cls, points: list[dict[str, Any]], cal: ExitRecord,
+                   test: ExitRecord) -> tuple[torch.Tensor, list[dict[str, float]]]:
         # Scores depend only on (score, temperature): compute them once per pair; shared thresholds then
         # cost one sort and a searchsorted (what keeps a slider live), per-exit ones a [T, N] comparison.
         policies = [cls(**point) for point in points]

@@ -108,9 +108,9 @@ def notebook_constants(env: dict[str, str]) -> dict:
 def test_compare_notebook_runs_in_the_browser_and_plots_what_metrics_compute(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from eelab import workbench
     from eelab.metrics import evaluate
     from eelab.policies import RiskPolicy
+    from eelab.records import load_records
 
     base, token, checkpoint, env = lab
     with sync_playwright() as p:
@@ -130,7 +130,7 @@ def test_compare_notebook_runs_in_the_browser_and_plots_what_metrics_compute(lab
 
     # the same numbers, computed here from the records with eelab.metrics
     constants = notebook_constants(env)
-    cal, test = workbench.load_records(checkpoint, limit=constants["LIMIT"])
+    cal, test = load_records(checkpoint, limit=constants["LIMIT"])
     assert epsilon in constants["RISK_EPSILONS"] and epsilon != before
     exits = RiskPolicy(epsilon=epsilon, delta=delta).fit(cal).decide(test)
     m = evaluate(test, exits)
