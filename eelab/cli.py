@@ -431,11 +431,48 @@ def _run_profile(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- datasets
+
+def _add_datasets(sub) -> None:
+    p = _subcommand(sub, _run_datasets, _JSON)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the publishers' MD5 checks (re-packaged copies; EELAB_NO_VERIFY=1 does the same)")
+
+
+def _run_datasets(a: argparse.Namespace) -> int:
+    """where each dataset was found, in which form and size, or what is missing
+
+    For every dataset --dataset names: the folder it was found in ($EELAB_DATASETS, data/, ../shared/datasets/),
+    whether as its publisher ships it or in torchvision's layout, its size, and whether it matches the publisher's
+    MD5; or, when it is nowhere, the file names accepted. Nothing is unpacked or downloaded. Exits 1 when a file
+    fails its checksum.
+    """
+    from .data import describe_datasets
+
+    rows = describe_datasets(verify=False if a.no_verify else None)
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            if not r["found"]:
+                print(f"{r['name']:<14} missing: accepts {r['accepts']}")
+                continue
+            unpacked = f", unpacked in {r['unpacked_into']}" if r["unpacked_into"] else ""
+            print(f"{r['name']:<14} {r['form']:<12} {r['bytes'] / 1e6:>9.1f} MB  {r['folder']}{unpacked} "
+                  f"(checksum: {r['checksum']})")
+            for problem in r["problems"]:
+                print(f"{'':<14} {problem}")
+        looked = next((r["looked_in"] for r in rows if not r["found"]), None)
+        if looked:
+            print(f"searched {', '.join(looked)}; set $EELAB_DATASETS to look in another folder first")
+    return 1 if any(r.get("problems") for r in rows) else 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 # Literal list of subcommands, in the order `eelab --help` shows them.
 _SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep, _add_predict, _add_bench,
-                                 _add_profile]
+                                 _add_profile, _add_datasets]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,17 +1,14 @@
 """Datasets by name, the seeded cal split, the decoded-tensor cache, tensor augmentation, offline rules.
 
-Datasets are looked for in $EELAB_DATASETS, then data/, then ../shared/datasets/ (unpacked once into
-data/), then downloaded by torchvision when online. Images live in memory as uint8 [N, ch, H, W]; the
-torchvision datasets (cifar10, cifar100, svhn, mnist, fashion-mnist, imagenette) are read by torchvision's
-own loaders, in their own on-disk formats, and decoded once into the cache.
+Datasets are looked for in $EELAB_DATASETS, then data/, then ../shared/datasets/, as their publishers ship them
+or in the layout torchvision's download leaves (published.py knows the forms); archives are unpacked once into
+data/, and when the files are nowhere and EELAB_OFFLINE is unset, the publisher's files are downloaded into data/.
+Images live in memory as uint8 [N, ch, H, W], decoded once into data/cache/ by eelab's own safe readers.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from . import published
 from .errors import EelabError
 from .files import load_torch, save_torch
 
@@ -181,7 +179,12 @@ def _load_folder(name: str, root: Path, size, channels, progress: bool) -> Datas
 
 # ----------------------------------------------------------------------------- named datasets
 
+IMAGENETTE_SIZE = 64  # default side of imagenette images: shorter side resized to this, then centre-cropped
+_IMAGENETTE_VARIANTS = {"imagenette2-160": "160px", "imagenette2-320": "320px", "imagenette2": "full"}
+
+
 def _find(names: list[str]) -> Path | None:
+    """The first of `names` present in a search folder (folders in search order), else None."""
     for d in search_dirs():
         for n in names:
             if (d / n).exists():
@@ -189,109 +192,64 @@ def _find(names: list[str]) -> Path | None:
     return None
 
 
-def _unpack(archive: Path, into: Path, progress: bool) -> None:
-    """Extract a .tar.gz into `into` atomically: extract beside it, then rename the folder in."""
-    into.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=into.parent))
+def _verify() -> bool:
+    return os.environ.get("EELAB_NO_VERIFY", "") in ("", "0")
+
+
+def _not_found(name: str) -> EelabError:
+    """The one-line error for a dataset that is nowhere: every folder searched and every file name accepted."""
+    if name == "cifar10-jpeg":
+        how = "it is not downloadable: put the archive in one of those folders, or use --dataset cifar10"
+    else:
+        how = (f"put those files in one of those folders as downloaded, or unset EELAB_OFFLINE and go online to let "
+               f"eelab download them from their publisher into {data_dir()}")
+    return EelabError(f"dataset {name} not found: looked in {', '.join(str(d) for d in search_dirs())} for "
+                      f"{published.accepted(name)}; {how} (or set $EELAB_DATASETS to the folder that holds them)")
+
+
+def _check(name: str, paths: list[Path], progress: bool) -> None:
+    """Refuse the first file that differs from its publisher's MD5, in one line (not with EELAB_NO_VERIFY=1)."""
+    if _verify():
+        for p in paths:
+            problem = published.checksum_problem(name, p, progress)
+            if problem:
+                raise EelabError(problem)
+
+
+def _fetch(name: str) -> None:
+    """Download the dataset's published files into data/ (online only)."""
+    base, sub = published.URLS[name]
     try:
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for m in tqdm(members, desc=f"unpack {archive.name}", unit="file", disable=not progress):
-                tf.extract(m, tmp, filter="data")
-        inner = tmp / into.name
-        os.replace(inner if inner.is_dir() else tmp, into)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        published.download(name, data_dir() / sub)
+    except Exception as e:  # network errors come in many types
+        raise EelabError(f"dataset {name} not found in {', '.join(str(d) for d in search_dirs())} and the download "
+                         f"from {base} failed ({type(e).__name__}: {' '.join(str(e).split())[:80]}); go online, or "
+                         f"put {published.accepted(name)} into {data_dir()} (or into the folder $EELAB_DATASETS "
+                         "names)") from None
 
 
-def _load_cifar10_jpeg(progress: bool) -> Dataset:
-    root = _find(["cifar10-jpeg"])
-    if root is None or not (root / "train").is_dir():
-        archive = _find(["cifar10-jpeg.tar.gz"])
-        if archive is None:
-            raise EelabError(
-                "dataset cifar10-jpeg not found (looked for cifar10-jpeg/ and cifar10-jpeg.tar.gz in "
-                f"{', '.join(str(d) for d in search_dirs())}); it is not downloadable: put the archive in one "
-                "of those folders, or use --dataset cifar10 (torchvision download)")
-        root = data_dir() / "cifar10-jpeg"
-        if not root.is_dir():
-            _unpack(archive, root, progress)
-    return _load_folder("cifar10-jpeg", root, (32, 32), 3, progress)
-
-
-def _load_cifar10(progress: bool) -> Dataset:
-    import torchvision
-
-    found = _find(["cifar-10-batches-py"])
-    root = found.parent if found is not None else data_dir()
-    if found is None and _offline():
-        raise EelabError(
-            "dataset cifar10 not found (looked for cifar-10-batches-py/ in "
-            f"{', '.join(str(d) for d in search_dirs())}) and EELAB_OFFLINE is set; go online to let torchvision "
-            "download it into data/, or copy cifar-10-batches-py/ there")
-
-    def build() -> Dataset:
-        try:
-            tr = torchvision.datasets.CIFAR10(str(root), train=True, download=found is None)
-            te = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
-        except Exception as e:  # network errors come in many types
-            raise EelabError(
-                f"dataset cifar10 not found in {', '.join(str(d) for d in search_dirs())} and the torchvision "
-                f"download failed ({type(e).__name__}); go online, or copy cifar-10-batches-py/ into data/, or "
-                "use --dataset cifar10-jpeg") from None
-        to_t = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        return Dataset("cifar10", to_t(tr.data), torch.tensor(tr.targets), to_t(te.data), torch.tensor(te.targets),
-                       list(tr.classes), str(root / "cifar-10-batches-py"))
-
-    return _cached("cifar10", hashlib.sha256(f"cifar10|{root.resolve()}".encode()).hexdigest(), build, progress)
-
-
-# ----------------------------------------------------------------------------- torchvision datasets
-
-# name -> (files torchvision reads, below its root; subfolders of a search dir tried as that root, the first one
-# also where a download goes). SVHN keeps its .mat files directly in its root, so eelab gives it a folder of its
-# own; the others bring their own folder (cifar-100-python/, MNIST/raw/, FashionMNIST/raw/).
-_TORCHVISION_LAYOUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "cifar100": (("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"), ("",)),
-    "svhn": (("train_32x32.mat", "test_32x32.mat"), ("svhn", "")),
-    "mnist": (("MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte",
-               "MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"), ("",)),
-    "fashion-mnist": (("FashionMNIST/raw/train-images-idx3-ubyte", "FashionMNIST/raw/train-labels-idx1-ubyte",
-                       "FashionMNIST/raw/t10k-images-idx3-ubyte", "FashionMNIST/raw/t10k-labels-idx1-ubyte"), ("",)),
-}
-# Imagenette variants as torchvision names them, smallest first: the first found on disk is used, and a download
-# fetches the 160 px one (94 MB), plenty for the default 64 x 64 images.
-_IMAGENETTE_VARIANTS = (("160px", "imagenette2-160"), ("320px", "imagenette2-320"), ("full", "imagenette2"))
-IMAGENETTE_SIZE = 64  # default side of imagenette images: shorter side resized to this, then centre-cropped
-
-
-def _torchvision_root(name: str) -> tuple[Path, bool]:
-    """(root to give torchvision, download?) for a torchvision dataset: found on disk, else data/ when online."""
-    files, subs = _TORCHVISION_LAYOUT[name]
-    for d in search_dirs():
-        for sub in subs:
-            if all((d / sub / f).is_file() for f in files):
-                return d / sub, False
-    looked = ", ".join(str(Path(subs[0]) / f) for f in files)
-    if _offline():
-        raise EelabError(f"dataset {name} not found (looked for {looked} in "
-                         f"{', '.join(str(d) for d in search_dirs())}) and EELAB_OFFLINE is set; go online to let "
-                         f"torchvision download it into {data_dir() / subs[0]}, or copy those files there")
-    return data_dir() / subs[0], True
-
-
-def _torchvision_call(name: str, root: Path, download: bool, make):
-    """Run a torchvision dataset constructor, turning its failures into one-line errors."""
-    try:
-        return make()
-    except Exception as e:  # torchvision raises RuntimeError for bad files and many types for network trouble
-        if download:
-            raise EelabError(f"dataset {name} not found in {', '.join(str(d) for d in search_dirs())} and the "
-                             f"torchvision download into {root} failed ({type(e).__name__}); go online, or copy the "
-                             f"dataset's files into {root}") from None
-        raise EelabError(f"dataset {name} in {root} is incomplete or fails torchvision's checksum "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); delete it and let torchvision "
-                         "download it again, or copy a complete copy there") from None
+def _ready(name: str, progress: bool) -> published.Found:
+    """Where the dataset's ready-to-read files are: found as they are, unpacked once from an archive, or downloaded."""
+    found = published.locate(name, search_dirs())
+    if found is None:
+        if name == "cifar10-jpeg" or _offline():
+            raise _not_found(name)
+        _fetch(name)
+        found = published.locate(name, search_dirs())
+        if found is None:
+            raise _not_found(name)
+    if not found.form.unpacks_to:
+        return found
+    archive, target = found.paths[0], data_dir() / found.form.unpacks_to
+    if not target.exists():  # unpacked once: the rename into place is the last step, so it exists only when whole
+        _check(name, [archive], progress)
+        published.unpack_archive(archive, target, progress)
+    ready = published.Found(name, published.unpacked_form(name, found), target)
+    missing = [str(p) for p in ready.paths if not p.exists()]
+    if missing:
+        raise EelabError(f"{target} (unpacked from {archive}) lacks {', '.join(missing)}; delete {target} to unpack "
+                         "it again, or get the archive from its publisher again")
+    return ready
 
 
 def _files_key(name: str, files: list[Path], extra: str = "") -> str:
@@ -303,70 +261,42 @@ def _files_key(name: str, files: list[Path], extra: str = "") -> str:
     return h.hexdigest()
 
 
-def _open_torchvision(name: str, root: Path, train: bool, download: bool):
-    """torchvision's own dataset object for one split of cifar100, svhn, mnist or fashion-mnist."""
-    import torchvision.datasets as tvd
-
-    if name == "svhn":
-        split = "train" if train else "test"
-        return _torchvision_call(name, root, download, lambda: tvd.SVHN(str(root), split=split, download=download))
-    cls = {"cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
-    return _torchvision_call(name, root, download, lambda: cls(str(root), train=train, download=download))
+def _load_cifar10_jpeg(progress: bool) -> Dataset:
+    return _load_folder("cifar10-jpeg", _ready("cifar10-jpeg", progress).folder, (32, 32), 3, progress)
 
 
-def _load_torchvision_arrays(name: str, progress: bool) -> Dataset:
-    """cifar100, svhn, mnist, fashion-mnist through torchvision's own loaders -> uint8 [N, ch, H, W]."""
-    root, download = _torchvision_root(name)
-    if download:  # fetch first, so the cache is keyed on the files as they will be found from now on
-        for train in (True, False):
-            _open_torchvision(name, root, train, download=True)
+def _load_arrays(name: str, progress: bool) -> Dataset:
+    """cifar10, cifar100, svhn, mnist, fashion-mnist through eelab's own safe readers -> uint8 [N, ch, H, W]."""
+    found = _ready(name, progress)
 
     def build() -> Dataset:
-        tr, te = _open_torchvision(name, root, True, False), _open_torchvision(name, root, False, False)
-        if name == "cifar100":
-            to_t = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731  HWC->CHW
-            parts = (to_t(tr.data), torch.tensor(tr.targets), to_t(te.data), torch.tensor(te.targets), list(tr.classes))
-        elif name == "svhn":
-            to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731  already [N, 3, 32, 32]
-            parts = (to_t(tr.data), torch.from_numpy(tr.labels), to_t(te.data), torch.from_numpy(te.labels),
-                     [str(i) for i in range(10)])
-        else:  # grayscale stays one channel: every factory takes in_channels from the dataset
-            parts = (tr.data.unsqueeze(1).contiguous(), tr.targets.clone(), te.data.unsqueeze(1).contiguous(),
-                     te.targets.clone(), list(tr.classes))
-        x_tr, y_tr, x_te, y_te, classes = parts
-        return Dataset(name, x_tr.to(torch.uint8), y_tr.to(torch.int64), x_te.to(torch.uint8), y_te.to(torch.int64),
-                       classes, str(root))
+        _check(name, found.paths, progress)
+        x_tr, y_tr, x_te, y_te, classes = published.read_arrays(found)
+        t = lambda a, dtype: torch.from_numpy(np.array(a, dtype=dtype))  # noqa: E731  a writable, contiguous copy
+        return Dataset(name, t(x_tr, np.uint8), t(y_tr, np.int64), t(x_te, np.uint8), t(y_te, np.int64), classes,
+                       str(found.folder))
 
-    files = [root / f for f in _TORCHVISION_LAYOUT[name][0]]
-    return _cached(name, _files_key(name, files), build, progress)
+    return _cached(name, _files_key(name, found.paths), build, progress)
 
 
 def _load_imagenette(image_size: int, progress: bool) -> Dataset:
-    """Imagenette (10 ImageNet classes) through torchvision's loader, each image resized and centre-cropped."""
+    """Imagenette (10 ImageNet classes) through torchvision's folder reader, each image resized and centre-cropped."""
     import torchvision.datasets as tvd
     from torchvision import transforms
 
-    found = [(d, v, f) for d in search_dirs() for v, f in _IMAGENETTE_VARIANTS
-             if (d / f / "train").is_dir() and (d / f / "val").is_dir()]
-    if found:
-        root, variant, folder = found[0]
-    else:
-        if _offline():
-            raise EelabError(f"dataset imagenette not found (looked for {', '.join(f for _, f in _IMAGENETTE_VARIANTS)}"
-                             f"/ with train/ and val/ in {', '.join(str(d) for d in search_dirs())}) and EELAB_OFFLINE "
-                             "is set; go online to let torchvision download it into data/, or copy imagenette2-160/ "
-                             "there")
-        root, (variant, folder) = data_dir(), _IMAGENETTE_VARIANTS[0]
-        _torchvision_call("imagenette", root, True, lambda: tvd.Imagenette(str(root), size=variant, download=True))
+    folder = _ready("imagenette", progress).folder
     # shorter side to image_size, then the central square: no aspect-ratio distortion
     tf = transforms.Compose([transforms.Resize(image_size, antialias=True), transforms.CenterCrop(image_size),
                              transforms.PILToTensor()])
 
     def decode(split: str):
-        ds = _torchvision_call("imagenette", root / folder, False,
-                               lambda: tvd.Imagenette(str(root), split=split, size=variant, transform=tf))
+        try:
+            ds = tvd.Imagenette(str(folder.parent), split=split, size=_IMAGENETTE_VARIANTS[folder.name], transform=tf)
+        except Exception as e:  # torchvision raises several types for folders it cannot read
+            raise EelabError(f"imagenette in {folder} cannot be read ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:80]}); delete it and put a complete copy there") from None
         if len(ds) == 0:
-            raise EelabError(f"imagenette {root / folder / split} holds no .JPEG images; copy a complete copy there")
+            raise EelabError(f"imagenette {folder / split} holds no .JPEG images; copy a complete copy there")
         images = torch.empty(len(ds), 3, image_size, image_size, dtype=torch.uint8)
         labels = torch.empty(len(ds), dtype=torch.int64)
         for i in tqdm(range(len(ds)), desc=f"decode imagenette {split}", unit="img", disable=not progress):
@@ -377,11 +307,36 @@ def _load_imagenette(image_size: int, progress: bool) -> Dataset:
         tr, trl, classes = decode("train")
         te, tel, classes_te = decode("val")
         if classes_te != classes:
-            raise EelabError(f"imagenette {root / folder} has other classes in train/ and val/; use a complete copy")
-        return Dataset("imagenette", tr, trl, te, tel, classes, str(root / folder))
+            raise EelabError(f"imagenette {folder} has other classes in train/ and val/; use a complete copy")
+        return Dataset("imagenette", tr, trl, te, tel, classes, str(folder))
 
-    files = [f for split in ("train", "val") for f in (root / folder / split).rglob("*") if f.is_file()]
+    files = [f for split in ("train", "val") for f in (folder / split).rglob("*") if f.is_file()]
     return _cached(f"imagenette-{image_size}", _files_key("imagenette", files, str(image_size)), build, progress)
+
+
+def describe_datasets(verify: bool | None = None) -> list[dict]:
+    """Per named dataset: where it was found, in which form, its size in bytes and checksum, or what is missing.
+
+    verify checks the publishers' MD5s (default: unless EELAB_NO_VERIFY=1); nothing is unpacked or downloaded.
+    """
+    verify = _verify() if verify is None else verify
+    rows = []
+    for name in published.FORMS:
+        found = published.locate(name, search_dirs())
+        if found is None:
+            rows.append({"name": name, "found": False, "looked_in": [str(d) for d in search_dirs()],
+                         "accepts": published.accepted(name)})
+            continue
+        problems = [p for p in (published.checksum_problem(name, f) for f in found.paths) if p] if verify else []
+        documented = any((name, f.name) in published.MD5 for f in found.paths)
+        unpacked = data_dir() / found.form.unpacks_to if found.form.unpacks_to else None
+        rows.append({"name": name, "found": True, "form": found.form.kind, "folder": str(found.folder),
+                     "files": [str(f) for f in found.paths], "bytes": sum(published.size_of(f) for f in found.paths),
+                     "unpacked_into": str(unpacked) if unpacked is not None and unpacked.exists() else None,
+                     "checksum": ("not checked" if not verify else "MISMATCH" if problems
+                                  else "ok" if documented else "none published"),
+                     "problems": problems})
+    return rows
 
 
 def _resize_images(ds: Dataset, image_size: int | None) -> Dataset:
@@ -415,9 +370,9 @@ def load_dataset(name: str, image_size: int | None = None, progress: bool = True
     if name == "cifar10-jpeg":
         return _resize_images(_load_cifar10_jpeg(progress), image_size)
     if name == "cifar10":
-        return _resize_images(_load_cifar10(progress), image_size)
-    if name in _TORCHVISION_LAYOUT:
-        return _resize_images(_load_torchvision_arrays(name, progress), image_size)
+        return _resize_images(_load_arrays(name, progress), image_size)
+    if name in ("cifar100", "svhn", "mnist", "fashion-mnist"):
+        return _resize_images(_load_arrays(name, progress), image_size)
     if name == "imagenette":
         return _load_imagenette(image_size or IMAGENETTE_SIZE, progress)
     if name.startswith("folder:"):

@@ -1,4 +1,5 @@
-"""Each named torchvision dataset loads from small files written here in its own on-disk format."""
+"""Each named dataset loads from small files written here in torchvision's on-disk layout (the published forms:
+test_published.py)."""
 import hashlib
 import pickle
 import struct
@@ -6,15 +7,20 @@ import struct
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets as tvd
 from PIL import Image
 
 import eelab.data as data
+import eelab.published as published
 from eelab.data import load_dataset, split_train_cal
 from eelab.errors import EelabError
 
-# the md5 sums torchvision checks are those of the real files: tests register the sums of their own small files
+# the publishers' md5 sums are those of the real files: tests register the sums of their own small files
 _md5 = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731
+
+
+def _register(monkeypatch, name, *paths):
+    for p in paths:
+        monkeypatch.setitem(published.MD5, (name, p.name), _md5(p))
 
 
 @pytest.fixture
@@ -42,9 +48,7 @@ def write_cifar100(root, monkeypatch, n_train=12, n_test=4):
                          "coarse_labels": [0] * n}, f)
     with open(d / "meta", "wb") as f:
         pickle.dump({"fine_label_names": names, "coarse_label_names": ["c"] * 20}, f)
-    monkeypatch.setattr(tvd.CIFAR100, "train_list", [["train", _md5(d / "train")]])
-    monkeypatch.setattr(tvd.CIFAR100, "test_list", [["test", _md5(d / "test")]])
-    monkeypatch.setattr(tvd.CIFAR100, "meta", {**tvd.CIFAR100.meta, "md5": _md5(d / "meta")})
+    _register(monkeypatch, "cifar100", d / "train", d / "test", d / "meta")
     return d
 
 
@@ -54,13 +58,11 @@ def write_svhn(root, monkeypatch, n_train=10, n_test=4):
 
     d = root / "svhn"
     d.mkdir()
-    split_list = {k: list(v) for k, v in tvd.SVHN.split_list.items()}
     for split, n, seed in (("train", n_train, 2), ("test", n_test, 3)):
         x = _pixels(n, (32, 32, 3), seed).transpose(1, 2, 3, 0)
         y = np.array([[10 if i % 10 == 0 else i % 10] for i in range(n)], dtype=np.uint8)
         scipy.io.savemat(d / f"{split}_32x32.mat", {"X": x, "y": y})
-        split_list[split][2] = _md5(d / f"{split}_32x32.mat")
-    monkeypatch.setattr(tvd.SVHN, "split_list", split_list)
+        _register(monkeypatch, "svhn", d / f"{split}_32x32.mat")
     return d
 
 
@@ -89,7 +91,7 @@ def write_imagenette(root, folder="imagenette2-160", per_class=3):
     return root / folder
 
 
-def test_cifar100_loads_through_torchvision(datasets_dir, monkeypatch):
+def test_cifar100_loads_from_torchvisions_layout(datasets_dir, monkeypatch):
     write_cifar100(datasets_dir, monkeypatch)
     ds = load_dataset("cifar100", progress=False)
     assert ds.train_images.shape == (12, 3, 32, 32) and ds.train_images.dtype == torch.uint8
@@ -160,8 +162,9 @@ def test_unknown_and_corrupt_datasets_are_one_line(datasets_dir, monkeypatch):
     with pytest.raises(EelabError, match="unknown dataset 'cifar1000'.*cifar100.*imagenette"):
         load_dataset("cifar1000")
     write_cifar100(datasets_dir, monkeypatch)
-    monkeypatch.setattr(tvd.CIFAR100, "train_list", [["train", "0" * 32]])   # a file that fails the checksum
-    with pytest.raises(EelabError, match="cifar100 in .* fails torchvision's checksum.*delete it") as e:
+    monkeypatch.setitem(published.MD5, ("cifar100", "train"), "0" * 32)   # a file that fails the checksum
+    with pytest.raises(EelabError, match=r"cifar-100-python/train does not match its publisher's MD5.*download it "
+                                         r"again.*EELAB_NO_VERIFY=1") as e:
         load_dataset("cifar100", progress=False)
     assert "\n" not in str(e.value)
     with pytest.raises(EelabError, match="image size must be a positive"):
