@@ -161,25 +161,27 @@ def _add_record(sub) -> None:
     p.add_argument("--out", required=True, help="record file to write (e.g. test.pt)")
     p.add_argument("--limit", type=int, help="only a seeded random subset of N samples of the split (in index order)")
     p.add_argument("--batch-size", type=int, default=500)
+    _add_precision_option(p)
 
 
 def _run_record(a: argparse.Namespace) -> int:
     """run a checkpoint once over a split and write its exit record
 
     One forward pass over the cal or test split; writes every exit's logits and costs (an ExitRecord)
-    atomically.
+    atomically. At --precision bf16 the record's meta says so, and policies fitted on it record it.
     """
     from .records import record_checkpoint
 
-    rec = record_checkpoint(a.checkpoint, a.split, limit=a.limit, batch_size=a.batch_size, progress=not a.quiet)
+    rec = record_checkpoint(a.checkpoint, a.split, limit=a.limit, batch_size=a.batch_size, progress=not a.quiet,
+                            precision=a.precision)
     rec.save(a.out)
     acc = (rec.logits.argmax(-1) == rec.labels[:, None]).double().mean(0).tolist()
     summary = {"out": str(a.out), "split": a.split, "shape": list(rec.logits.shape), "exit_accuracy": acc,
-               "costs": rec.costs.tolist(), "full_cost": rec.full_cost}
+               "costs": rec.costs.tolist(), "full_cost": rec.full_cost, "precision": rec.meta["precision"]}
     if a.json:
         _print_json(summary)
     else:
-        print(f"{a.out}: logits {tuple(rec.logits.shape)}; exit accuracy "
+        print(f"{a.out}: logits {tuple(rec.logits.shape)} ({rec.meta['precision']}); exit accuracy "
               + " ".join(f"{v:.4f}" for v in acc) + "; MACs " + " ".join(f"{c / 1e6:.1f}M" for c in rec.costs))
     return 0
 
@@ -336,6 +338,30 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                                     "max-prob >= 0.9); a name that must be fitted is fitted on cal.pt in the "
                                     "checkpoint directory")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, repeatable")
+    _add_precision_option(p)
+
+
+def _add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="run the network in fp32 (default), bf16 (weights cast once, channels_last), or auto: bf16 "
+                        "on a CPU with native bf16 (AMX, AVX512-BF16), else fp32")
+
+
+def _noted(a: argparse.Namespace, fn: Callable[[], Any]) -> Any:
+    """fn(), with a precision note it raises (inference.PrecisionNote) shown as one line on stderr."""
+    import warnings
+
+    from .inference import PrecisionNote
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionNote)
+        out = fn()
+    for w in caught:
+        if issubclass(w.category, PrecisionNote):
+            sys.stderr.write(f"eelab {a.command}: note: {w.message}\n")
+        else:  # any other warning as Python would have shown it
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 def _add_predict(sub) -> None:
@@ -343,20 +369,25 @@ def _add_predict(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("images", nargs="+", help="image files")
     _add_policy_options(p)
+    p.add_argument("--batch", type=int, default=256, help="images per stage run when streaming (default 256)")
 
 
 def _run_predict(a: argparse.Namespace) -> int:
     """classify image files with true early exit
 
     Each image runs stage by stage and stops at the exit its policy picks; no later stage is computed. Images of
-    any size or mode are converted as the model's config says.
+    any size or mode are converted as the model's config says. Many files are streamed: decoded as they are
+    needed, every stage run on full batches of --batch, answers printed in the order given.
     """
+    if a.batch < 1:
+        raise EelabError("--batch must be at least 1")
     from .inference import EarlyExitPredictor
 
-    pred = EarlyExitPredictor.from_checkpoint(a.checkpoint, a.policy, _policy_params(a.param))
-    results = pred.predict_files(a.images)
+    pred = _noted(a, lambda: EarlyExitPredictor.from_checkpoint(a.checkpoint, a.policy, _policy_params(a.param),
+                                                                precision=a.precision))
+    results = pred.stream_files(a.images, batch=a.batch)
     if a.json:
-        _print_json({"checkpoint": a.checkpoint, "policy": pred.policy.describe(),
+        _print_json({"checkpoint": a.checkpoint, "policy": pred.policy.describe(), "precision": pred.precision,
                      "predictions": [r.to_dict() for r in results]})
         return 0
     for r in results:
@@ -372,29 +403,37 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=256, help="batch size for throughput (default 256)")
     p.add_argument("--batch-images", type=int, default=2048, help="test images timed at --batch (default 2048)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds, median reported (>= 1)")
+    p.add_argument("--stream", action="store_true", help="also time streamed early exit at --batch "
+                                                         "(every stage at full batch)")
 
 
 def _run_bench(a: argparse.Namespace) -> int:
     """wall clock of early exit against the plain network
 
     Latency per image at batch 1 and throughput at a large batch on the test split, plain network (last exit
-    only) and early exit in alternating rounds (median), with the saving MACs predict beside the measured one.
+    only) and early exit in alternating rounds (median), with the saving MACs predict beside the measured one;
+    --stream adds streamed early exit at the large batch.
     """
     from .inference import benchmark_inference
 
     if a.rounds < 1 or a.images < 1 or a.batch < 1 or a.batch_images < 1:
         raise EelabError("--rounds, --images, --batch and --batch-images must be at least 1")
-    r = benchmark_inference(a.checkpoint, a.policy, _policy_params(a.param), n_latency=a.images,
-                            n_throughput=a.batch_images, batch=a.batch, rounds=a.rounds)
+    r = _noted(a, lambda: benchmark_inference(a.checkpoint, a.policy, _policy_params(a.param), n_latency=a.images,
+                                              n_throughput=a.batch_images, batch=a.batch, rounds=a.rounds,
+                                              precision=a.precision, stream=a.stream))
     if a.json:
         _print_json(_json_safe(r))
         return 0
-    b1, bb = r["batch1"], r[f"batch{a.batch}"]
-    print(f"{r['policy']} on {r['checkpoint']} ({r['threads']} threads, median of {r['rounds']} alternating rounds)")
+    b1 = r["batch1"]
+    print(f"{r['policy']} on {r['checkpoint']} ({r['threads']} threads, {r['precision']}, median of {r['rounds']} "
+          "alternating rounds)")
     print(f"batch 1:   plain {b1['plain_ms_per_image']:.2f} ms/image, early exit {b1['early_ms_per_image']:.2f} "
           f"ms/image: time saved {b1['time_saving']:+.3f}, MACs predict {b1['mac_saving']:+.3f}")
-    print(f"batch {a.batch}: plain {bb['plain_images_per_s']:.0f} images/s, early exit {bb['early_images_per_s']:.0f} "
-          f"images/s: time saved {bb['time_saving']:+.3f}, MACs predict {bb['mac_saving']:+.3f}")
+    for key in (f"batch{a.batch}", f"stream{a.batch}"):
+        if key in r:
+            v = r[key]
+            print(f"{key}: plain {v['plain_images_per_s']:.0f} images/s, early exit {v['early_images_per_s']:.0f} "
+                  f"images/s: time saved {v['time_saving']:+.3f}, MACs predict {v['mac_saving']:+.3f}")
     return 0
 
 
@@ -403,6 +442,7 @@ def _add_profile(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=20)
+    _add_precision_option(p)
 
 
 def _run_profile(a: argparse.Namespace) -> int:
@@ -415,11 +455,11 @@ def _run_profile(a: argparse.Namespace) -> int:
 
     if a.batch < 1 or a.rounds < 1:
         raise EelabError("--batch and --rounds must be at least 1")
-    r = profile_checkpoint(a.checkpoint, batch=a.batch, rounds=a.rounds)
+    r = profile_checkpoint(a.checkpoint, batch=a.batch, rounds=a.rounds, precision=a.precision)
     if a.json:
         _print_json(r)
         return 0
-    print(f"{r['checkpoint']}: batch {r['batch']}, {r['threads']} threads, input {r['input_shape']} "
+    print(f"{r['checkpoint']}: batch {r['batch']}, {r['threads']} threads, {r['precision']}, input {r['input_shape']} "
           f"({r['input_bytes']} bytes)")
     print(f"{'exit':>4} {'stage ms':>9} {'head ms':>8} {'to exit ms':>10} {'stage MACs':>11} {'head MACs':>10} "
           f"{'activation':>16} {'bytes':>9}")
@@ -428,6 +468,40 @@ def _run_profile(a: argparse.Namespace) -> int:
               f"{s['stage_macs'] / 1e6:>10.2f}M {s['head_macs'] / 1e6:>9.3f}M {str(s['activation_shape']):>16} "
               f"{s['activation_bytes']:>9}")
     print(f"plain network: {r['plain_ms']:.3f} ms")
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+def _add_export(sub) -> None:
+    p = _subcommand(sub, _run_export, _THREADS, _JSON)
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--format", required=True, choices=["onnx"], help="graph format (onnx)")
+    p.add_argument("--out", required=True, help="directory to write (new, empty, or a previous export of this "
+                                                "checkpoint)")
+    p.add_argument("--policy", help="policy name or saved policy file to ship with the graphs (copied beside as "
+                                    "policy.pt); a name that must be fitted is fitted on cal.pt in the checkpoint")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, repeatable")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that holds something else")
+
+
+def _run_export(a: argparse.Namespace) -> int:
+    """export stages and heads as ONNX graphs, early exit kept
+
+    One graph per stage, per head and per confidence branch (dynamic batch size), plus export.json with the
+    normalisation, input shape, class names, costs and the checkpoint's sha256, and the policy given with --policy
+    (its file copied beside). eelab.export.OnnxEarlyExit runs them with onnxruntime through eelab's one step loop.
+    """
+    from .export import export_onnx
+
+    if a.param and not a.policy:
+        raise EelabError("--param needs --policy NAME")
+    meta = export_onnx(a.checkpoint, a.out, a.policy, _policy_params(a.param), overwrite=a.overwrite)
+    if a.json:
+        _print_json({"out": str(a.out), **meta})
+    else:
+        policy = f", policy {meta['policy']['label']}" if meta["policy"] else ""
+        print(f"{len(meta['files'])} ONNX graphs ({meta['num_exits']} exits{policy}) written to {a.out}")
     return 0
 
 
@@ -472,7 +546,7 @@ def _run_datasets(a: argparse.Namespace) -> int:
 
 # Literal list of subcommands, in the order `eelab --help` shows them.
 _SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep, _add_predict, _add_bench,
-                                 _add_profile, _add_datasets]
+                                 _add_profile, _add_datasets, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

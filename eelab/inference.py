@@ -1,12 +1,16 @@
 """True early-exit inference: stage k+1 is computed only for samples the policy did not stop at exit k.
 
 The same `run_policy` loop that decides on cached records drives the live stages here, so record-based
-and live decisions cannot drift apart.
+and live decisions cannot drift apart. The streamed predictor (EarlyExitPredictor.stream) keeps a queue in
+front of each stage and runs the stage on full batches gathered across input batches; it decides through
+`decide_step`, run_policy's own loop body, with each image's policy state travelling with it.
 """
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,11 +19,13 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import load_dataset, load_image, prepare
+from .device import cast_for_inference, cast_input, inference_precision
 from .errors import EelabError
 from .files import sha256_file
 from .metrics import charged_costs
 from .models import MultiExitNet, count_macs
-from .policies import Policy, make_policy, run_policy
+from .policies import Policy, decide_step, make_policy, run_policy, state_rows
+from .policies.base import State
 from .records import load_record
 
 
@@ -37,6 +43,29 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """One streamed image's answer: its position in the stream, the exit taken, logits there [C] fp32, MACs."""
+
+    index: int
+    exit: int
+    logits: torch.Tensor
+    macs: float
+
+
+class PrecisionNote(UserWarning):
+    """Inference runs at another precision than the records a fitted policy was fitted on (a note, not an error)."""
+
+
+def precision_note(policy: Policy, precision: str) -> str | None:
+    """One line when a fitted policy's cal record was computed at another precision than inference runs at."""
+    fitted_at = policy.info.get("precision")
+    if not policy.fitted or fitted_at is None or fitted_at == precision:
+        return None
+    return (f"policy {policy.name} was fitted on {fitted_at} records and predicts at {precision}: what it "
+            f"guarantees holds at {fitted_at}; refit it on a cal record made with --precision {precision}")
 
 
 def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | None = None,
@@ -69,14 +98,21 @@ class EarlyExitPredictor:
     """A checkpoint plus a policy, computing each stage only for the samples still running.
 
     predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C], MACs [B].
+    stream(images) -> each image's Exited, in input order, every stage run on full batches.
+    precision fp32 (default), bf16 or auto (bf16 on a CPU with native bf16): bf16 runs a copy of the model
+    cast once to bfloat16 and channels_last; logits come back in fp32 either way.
     """
 
     def __init__(self, model: MultiExitNet, config: dict[str, Any], policy: Policy,
-                 device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
+                 device: str | torch.device = "cpu", precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.precision = inference_precision(precision, self.device)
+        self.model = cast_for_inference(model.eval().to(device), self.precision)
         self.config = config
         self.policy = policy
-        self.device = torch.device(device)
+        note = precision_note(policy, self.precision)
+        if note:
+            warnings.warn(note, PrecisionNote, stacklevel=2)
         # MACs a sample leaving at exit k spends: the network's, plus the policy's own (a gate, a Q-network)
         self.costs = charged_costs(torch.tensor(config["costs"], dtype=torch.float64),
                                    policy.overhead_macs(model.num_exits, len(config["class_names"])))
@@ -89,11 +125,21 @@ class EarlyExitPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, policy: str | Path | Policy | None = None,
-                        params: dict[str, Any] | None = None, device: str | torch.device = "cpu"
-                        ) -> "EarlyExitPredictor":
+                        params: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                        precision: str = "fp32") -> "EarlyExitPredictor":
         """Load a checkpoint directory and a policy (name, saved file or Policy; see resolve_policy)."""
         model, cfg = load_checkpoint(path, device)
-        return cls(model, cfg, resolve_policy(policy, path, params), device)
+        return cls(model, cfg, resolve_policy(policy, path, params), device, precision)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, ch, H, W] -> the model's input on its device, normalised, in its precision."""
+        return cast_input(prepare(images.to(self.device), self.config["mean"], self.config["std"]), self.precision)
+
+    def _check_policy(self) -> None:
+        """check_exits once per policy, not per image (batch-1 latency)."""
+        if self.policy is not self._checked:
+            self.policy.check_exits(self.model.num_exits)
+            self._checked = self.policy
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,7 +148,7 @@ class EarlyExitPredictor:
         run_policy drives the live stages: stage k runs only on the rows it asks for, which shrink as samples
         stop (at batch 1 nothing is gathered: the image runs on until it stops).
         """
-        x = prepare(images.to(self.device), self.config["mean"], self.config["std"])
+        x = self._prepare(images)
         live = {"rows": None, "h": x}
         wants_confidence = "confidences" in self.policy.INPUTS
 
@@ -115,25 +161,158 @@ class EarlyExitPredictor:
             live["h"] = self.model.forward_stage(k, live["h"])
             logits = self.model.forward_head(k, live["h"]).float().cpu()
             if wants_confidence:  # a learned confidence branch, computed here like a head
-                return logits, {"confidences": self.model.forward_confidence(k, live["h"]).cpu()}
+                return logits, {"confidences": self.model.forward_confidence(k, live["h"]).float().cpu()}
             return logits
 
-        if self.policy is not self._checked:  # once per policy, not per image (batch-1 latency)
-            self.policy.check_exits(self.model.num_exits)
-            self._checked = self.policy
+        self._check_policy()
         exits, logits = run_policy(self.policy, self.model.num_exits, fetch, x.shape[0], keep_logits=True,
                                    checked=True)
         return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
 
-    def predict_files(self, paths: list[str | Path]) -> list[Prediction]:
-        """Decode image files (any size or mode, converted as the model's config says) and predict each."""
+    @torch.no_grad()
+    def stream(self, images: Iterable[torch.Tensor], batch: int = 256, wait: int = 4,
+               trace: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Exited]:
+        """Streamed early exit over uint8 images [ch, H, W] or batches [B, ch, H, W] -> Exited per image, in order.
+
+        A queue of pending activations waits in front of each stage; stage k runs when its queue holds
+        `batch` rows, so every stage runs at full batch however the policy splits the images. Bounds: no stage
+        runs on more than `batch` rows, fewer than 2 * batch rows wait in front of any stage (the deepest
+        ready stage runs first), and an image waits at most `wait` further input batches (of `batch` images)
+        before its queues are flushed partly full (wait=0: flushed every input batch); the stream's end
+        flushes all. Each stage-k run decides through decide_step (run_policy's loop body) with the state rows
+        of the images it holds. The generator reads images lazily. trace, if given, is called before every
+        stage run with {"stage": k, "rows": rows run, "queued": rows waiting per stage [K], "queued_bytes"}.
+        """
+        if batch < 1 or wait < 0:
+            raise EelabError(f"stream needs batch >= 1 and wait >= 0, got batch={batch}, wait={wait}")
+        self._check_policy()
+        queues = [_Queue() for _ in range(self.model.num_exits)]
+        done: dict[int, tuple[int, torch.Tensor]] = {}
+        start = emitted = 0
+        for t, x in enumerate(_batches(images, batch)):
+            ids = torch.arange(start, start + x.shape[0])
+            start += x.shape[0]
+            queues[0].put(ids, torch.full_like(ids, t), self._prepare(x), None)
+            self._drain(queues, batch, t - wait, done, trace)
+            while emitted in done:
+                yield self._exited(emitted, done.pop(emitted))
+                emitted += 1
+        self._drain(queues, batch, None, done, trace)
+        while emitted in done:
+            yield self._exited(emitted, done.pop(emitted))
+            emitted += 1
+
+    def _exited(self, index: int, answer: tuple[int, torch.Tensor]) -> Exited:
+        """The Exited of stream position `index` from its (exit, logits [C])."""
+        return Exited(index, answer[0], answer[1], float(self.costs[answer[0]]))
+
+    def _drain(self, queues: list["_Queue"], batch: int, due: int | None, done: dict[int, tuple[int, torch.Tensor]],
+               trace: Callable[[dict[str, Any]], None] | None) -> None:
+        """Run stages until no queue holds a full batch or an image that arrived at input batch <= due (None:
+        every image: the end of the stream). The deepest ready stage runs first, so a stage's output never
+        lands on a queue already holding a full batch."""
+        while True:
+            ready = [k for k, q in enumerate(queues)
+                     if len(q) >= batch or (len(q) and (due is None or q.oldest() <= due))]
+            if not ready:
+                return
+            k = ready[-1]
+            rows = min(batch, len(queues[k]))
+            if trace is not None:
+                trace({"stage": k, "rows": rows, "queued": [len(q) for q in queues],
+                       "queued_bytes": sum(q.nbytes() for q in queues)})
+            ids, born, h, state = queues[k].take(rows)
+            h = self.model.forward_stage(k, h)
+            logits = self.model.forward_head(k, h).float().cpu()
+            if k == len(queues) - 1:  # at the last exit every sample stops
+                stop = torch.ones(rows, dtype=torch.bool)
+            else:
+                inputs = ({"confidences": self.model.forward_confidence(k, h).float().cpu()}
+                          if "confidences" in self.policy.INPUTS else None)
+                stop, state = decide_step(self.policy, k, logits, state, inputs)
+            for i, row in zip(ids[stop].tolist(), logits[stop]):
+                done[i] = (k, row)
+            if not bool(stop.all()):
+                go = ~stop
+                queues[k + 1].put(ids[go], born[go], h[go.to(h.device)], state_rows(state, go))
+
+    def stream_files(self, paths: Iterable[str | Path], batch: int = 256) -> Iterator[Prediction]:
+        """Streamed early exit over image files, decoded lazily as the queues need them -> Prediction per file."""
         ch, h, w = self.config["input_shape"]
-        images = torch.stack([load_image(p, (h, w), ch) for p in paths])
-        out = self.predict(images)
-        probs = torch.softmax(out["logits"], dim=-1)
-        conf, cls_idx = probs.max(dim=-1)
-        return [Prediction(int(c), self.class_names[int(c)], float(p), int(e), float(m), str(src))
-                for c, p, e, m, src in zip(cls_idx, conf, out["exits"], out["macs"], paths)]
+        paths = list(paths)
+        for out in self.stream((load_image(p, (h, w), ch) for p in paths), batch=batch):
+            prob, cls_idx = torch.softmax(out.logits, dim=-1).max(dim=-1)
+            yield Prediction(int(cls_idx), self.class_names[int(cls_idx)], float(prob), out.exit, out.macs,
+                             str(paths[out.index]))
+
+    def predict_files(self, paths: list[str | Path], batch: int = 256) -> list[Prediction]:
+        """Decode image files (any size or mode, converted as the model's config says) and predict each."""
+        return list(self.stream_files(paths, batch))
+
+
+class _Queue:
+    """Rows waiting in front of one stage, oldest first, in parts: (ids [n], born [n] input batch, h [n, ...],
+    policy state rows)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]] = []
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def put(self, ids: torch.Tensor, born: torch.Tensor, h: torch.Tensor, state: State) -> None:
+        self.parts.append((ids, born, h, state))
+        self.rows += ids.numel()
+
+    def oldest(self) -> int:
+        """The input batch the longest-waiting row arrived with (rows arrive in order of age)."""
+        return int(self.parts[0][1][0])
+
+    def nbytes(self) -> int:
+        """Bytes of the activations waiting here (what the stream's memory bound is about)."""
+        return sum(h.numel() * h.element_size() for _, _, h, _ in self.parts)
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+        """The n oldest rows, concatenated (a part is split when only some of its rows are taken)."""
+        taken, got = [], 0
+        while got < n:
+            ids, born, h, state = self.parts.pop(0)
+            m = min(n - got, ids.numel())
+            if m < ids.numel():  # leave the rest in front
+                self.parts.insert(0, (ids[m:], born[m:], h[m:], state_rows(state, slice(m, None))))
+                ids, born, h, state = ids[:m], born[:m], h[:m], state_rows(state, slice(0, m))
+            taken.append((ids, born, h, state))
+            got += m
+        self.rows -= n
+        if len(taken) == 1:
+            return taken[0]
+        states = [part[3] for part in taken]
+        if any(s is None for s in states) and not all(s is None for s in states):
+            raise EelabError("the policy returned state for some batches and None for others at the same exit; "
+                             "return state consistently")
+        state = None if states[0] is None else {key: torch.cat([s[key] for s in states]) for key in states[0]}
+        return (torch.cat([p[0] for p in taken]), torch.cat([p[1] for p in taken]),
+                torch.cat([p[2] for p in taken]), state)
+
+
+def _batches(images: Iterable[torch.Tensor], batch: int) -> Iterator[torch.Tensor]:
+    """uint8 images [ch, H, W] and batches [B, ch, H, W], in order -> batches of exactly `batch` (the last fewer)."""
+    held: list[torch.Tensor] = []
+    count = 0
+    for item in images:
+        if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8 or item.ndim not in (3, 4):
+            what = (f"{item.dtype} [{', '.join(map(str, item.shape))}]" if isinstance(item, torch.Tensor)
+                    else type(item).__name__)
+            raise EelabError(f"stream takes uint8 images [ch, H, W] or batches [B, ch, H, W], got {what}")
+        held.append(item.unsqueeze(0) if item.ndim == 3 else item)
+        count += held[-1].shape[0]
+        while count >= batch:
+            x = torch.cat(held) if len(held) > 1 else held[0]
+            yield x[:batch]
+            held, count = ([x[batch:]] if x.shape[0] > batch else []), x.shape[0] - batch
+    if count:
+        yield torch.cat(held)
 
 
 # ----------------------------------------------------------------------------- wall clock
@@ -153,62 +332,67 @@ def _median_seconds(fn: Callable[[], Any], rounds: int, warmup: int = 0) -> floa
 @torch.no_grad()
 def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | None = None,
                         params: dict[str, Any] | None = None, n_latency: int = 200, n_throughput: int = 2048,
-                        batch: int = 256, rounds: int = 5, progress: bool = False) -> dict[str, Any]:
+                        batch: int = 256, rounds: int = 5, progress: bool = False, precision: str = "fp32",
+                        stream: bool = False) -> dict[str, Any]:
     """Wall clock of the plain network (last exit only, no intermediate heads) against early exit.
 
-    Latency per image at batch 1 over the first n_latency test images, throughput at `batch` over the first
-    n_throughput; the two are timed in alternating rounds (median of `rounds`), same threads and layout.
-    Also returns the MAC saving the policy predicts on the same images, so time and MACs can be compared.
+    Latency per image at batch 1 over the first n_latency test images (n_latency=0 skips it), throughput at
+    `batch` over the first n_throughput, per-batch shrinking ("batch{batch}") and, with stream=True, streamed
+    ("stream{batch}", with its peak of queued activation bytes); all timed in alternating rounds (median of
+    `rounds`), same threads, layout and precision. Each entry has the MAC saving the policy predicts on the
+    same images beside the measured time saving, and their ratio.
     """
-    pred = EarlyExitPredictor.from_checkpoint(checkpoint, policy, params)
+    pred = EarlyExitPredictor.from_checkpoint(checkpoint, policy, params, precision=precision)
     cfg, model = pred.config, pred.model
     ds = load_dataset(cfg["dataset"], cfg["train"].get("image_size"), progress=progress)
     lat_imgs, thr_imgs = ds.test_images[:n_latency], ds.test_images[:n_throughput]
-    mean, std = cfg["mean"], cfg["std"]
+    peak = {"queued_bytes": 0, "stage_rows": 0}
 
-    def plain_one() -> None:
-        for i in range(lat_imgs.shape[0]):
-            model.forward_plain(prepare(lat_imgs[i:i + 1], mean, std))
+    def watch(event: dict[str, Any]) -> None:
+        peak["queued_bytes"] = max(peak["queued_bytes"], event["queued_bytes"])
+        peak["stage_rows"] = max(peak["stage_rows"], event["rows"])
 
-    def early_one() -> None:
-        for i in range(lat_imgs.shape[0]):
-            pred.predict(lat_imgs[i:i + 1])
-
-    def plain_batch() -> None:
-        for s in range(0, thr_imgs.shape[0], batch):
-            model.forward_plain(prepare(thr_imgs[s:s + batch], mean, std))
-
-    def early_batch() -> None:
-        for s in range(0, thr_imgs.shape[0], batch):
-            pred.predict(thr_imgs[s:s + batch])
-
-    plain_one(), early_one()  # warm-up
-    t = {"plain_1": [], "early_1": [], "plain_b": [], "early_b": []}
+    runs: dict[str, Callable[[], Any]] = {}
+    if n_latency:
+        runs["plain_1"] = lambda: [model.forward_plain(pred._prepare(lat_imgs[i:i + 1]))
+                                   for i in range(lat_imgs.shape[0])]
+        runs["early_1"] = lambda: [pred.predict(lat_imgs[i:i + 1]) for i in range(lat_imgs.shape[0])]
+    runs["plain_b"] = lambda: [model.forward_plain(pred._prepare(thr_imgs[s:s + batch]))
+                               for s in range(0, thr_imgs.shape[0], batch)]
+    runs["early_b"] = lambda: [pred.predict(thr_imgs[s:s + batch]) for s in range(0, thr_imgs.shape[0], batch)]
+    if stream:
+        runs["stream_b"] = lambda: sum(1 for _ in pred.stream(thr_imgs.split(batch), batch=batch, trace=watch))
+    for fn in runs.values():  # warm-up
+        fn()
+    t: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(rounds):  # alternate, so a change in machine load hits both sides
-        t["plain_1"].append(_median_seconds(plain_one, 1))
-        t["early_1"].append(_median_seconds(early_one, 1))
-        t["plain_b"].append(_median_seconds(plain_batch, 1))
-        t["early_b"].append(_median_seconds(early_batch, 1))
+        for key, fn in runs.items():
+            t[key].append(_median_seconds(fn, 1))
     med = {key: statistics.median(v) for key, v in t.items()}
-    exits_1 = pred.predict(lat_imgs)["exits"]
     exits_b = pred.predict(thr_imgs)["exits"]
     full = float(cfg["full_cost"])
-    mac_saving_1 = 1 - float(pred.costs[exits_1].mean()) / full
     mac_saving_b = 1 - float(pred.costs[exits_b].mean()) / full
-    lat_p, lat_e = med["plain_1"] / lat_imgs.shape[0], med["early_1"] / lat_imgs.shape[0]
-    thr_p, thr_e = thr_imgs.shape[0] / med["plain_b"], thr_imgs.shape[0] / med["early_b"]
-    return {
+    out: dict[str, Any] = {
         "checkpoint": str(checkpoint), "policy": pred.policy.describe(), "threads": torch.get_num_threads(),
-        "rounds": rounds, "dataset": cfg["dataset"],
-        "batch1": {"images": int(lat_imgs.shape[0]), "plain_ms_per_image": 1e3 * lat_p,
-                   "early_ms_per_image": 1e3 * lat_e, "time_saving": 1 - lat_e / lat_p,
-                   "mac_saving": mac_saving_1, "time_over_mac_saving": _ratio(1 - lat_e / lat_p, mac_saving_1)},
-        f"batch{batch}": {"images": int(thr_imgs.shape[0]), "plain_images_per_s": thr_p,
-                          "early_images_per_s": thr_e, "time_saving": 1 - thr_p / thr_e,
-                          "mac_saving": mac_saving_b, "time_over_mac_saving": _ratio(1 - thr_p / thr_e,
-                                                                                     mac_saving_b)},
-        "exit_fractions": torch.bincount(exits_b, minlength=model.num_exits).div(exits_b.numel()).tolist(),
-    }
+        "rounds": rounds, "dataset": cfg["dataset"], "precision": pred.precision}
+    if n_latency:
+        mac_saving_1 = 1 - float(pred.costs[pred.predict(lat_imgs)["exits"]].mean()) / full
+        lat_p, lat_e = med["plain_1"] / lat_imgs.shape[0], med["early_1"] / lat_imgs.shape[0]
+        out["batch1"] = {"images": int(lat_imgs.shape[0]), "plain_ms_per_image": 1e3 * lat_p,
+                         "early_ms_per_image": 1e3 * lat_e, "time_saving": 1 - lat_e / lat_p,
+                         "mac_saving": mac_saving_1, "time_over_mac_saving": _ratio(1 - lat_e / lat_p, mac_saving_1)}
+    thr_p = thr_imgs.shape[0] / med["plain_b"]
+    for key, mode in (("early_b", "batch"), ("stream_b", "stream")):
+        if key in med:
+            thr_e = thr_imgs.shape[0] / med[key]
+            out[f"{mode}{batch}"] = {"images": int(thr_imgs.shape[0]), "plain_images_per_s": thr_p,
+                                     "early_images_per_s": thr_e, "time_saving": 1 - thr_p / thr_e,
+                                     "mac_saving": mac_saving_b,
+                                     "time_over_mac_saving": _ratio(1 - thr_p / thr_e, mac_saving_b)}
+    if stream:
+        out[f"stream{batch}"].update(peak_queued_bytes=peak["queued_bytes"], peak_stage_rows=peak["stage_rows"])
+    out["exit_fractions"] = torch.bincount(exits_b, minlength=model.num_exits).div(exits_b.numel()).tolist()
+    return out
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -216,14 +400,17 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 @torch.no_grad()
-def profile_checkpoint(checkpoint: str | Path, batch: int = 1, rounds: int = 20) -> dict[str, Any]:
+def profile_checkpoint(checkpoint: str | Path, batch: int = 1, rounds: int = 20, precision: str = "fp32"
+                       ) -> dict[str, Any]:
     """Per stage and per head: median time (ms at `batch`), MACs, and the activation leaving each stage.
 
-    The activation size is what an edge/cloud split after that stage would have to send (fp32 bytes per
-    sample, as the CEED authors' profiler reports).
+    The activation size is what an edge/cloud split after that stage would have to send (bytes per sample
+    at the precision run, as the CEED authors' profiler reports; fp32 by default).
     """
+    precision = inference_precision(precision)
     model, cfg = load_checkpoint(checkpoint)
-    h = torch.randn(batch, *cfg["input_shape"])
+    model = cast_for_inference(model, precision)
+    h = cast_input(torch.randn(batch, *cfg["input_shape"]), precision)
     rows = []
     for k in range(model.num_exits):
         stage_in = h
@@ -233,11 +420,11 @@ def profile_checkpoint(checkpoint: str | Path, batch: int = 1, rounds: int = 20)
         head_macs, _ = count_macs(lambda: model.forward_head(k, h))
         rows.append({"exit": k, "stage_ms": 1e3 * stage_s, "head_ms": 1e3 * head_s, "stage_macs": stage_macs // batch,
                      "head_macs": head_macs // batch, "activation_shape": list(h.shape[1:]),
-                     "activation_bytes": int(h[0].numel() * 4)})
+                     "activation_bytes": int(h[0].numel() * h.element_size())})
     cum = 0.0
     for r in rows:
         cum += r["stage_ms"]
         r["cumulative_ms"] = cum + sum(x["head_ms"] for x in rows[:r["exit"] + 1])
-    return {"checkpoint": str(checkpoint), "batch": batch, "threads": torch.get_num_threads(),
+    return {"checkpoint": str(checkpoint), "batch": batch, "threads": torch.get_num_threads(), "precision": precision,
             "input_shape": cfg["input_shape"], "input_bytes": int(torch.Size(cfg["input_shape"]).numel() * 4),
             "stages": rows, "plain_ms": sum(r["stage_ms"] for r in rows) + rows[-1]["head_ms"]}

@@ -59,8 +59,7 @@ def plot_frontiers(frontiers: Mapping[str, pd.DataFrame], oracle: pd.DataFrame |
             ax.legend(loc="lower right")
         if title:
             ax.set_title(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_exit_distribution(fractions: Mapping[str, Sequence[float]], title: str | None = None) -> Figure:
@@ -73,8 +72,7 @@ def plot_exit_distribution(fractions: Mapping[str, Sequence[float]], title: str 
         _exit_bars(ax, fractions, _PALETTE[:len(fractions)], "fraction of test samples")
         if title:
             ax.set_title(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_exit_profile(table: pd.DataFrame, published: Sequence[float] | None = None,
@@ -106,8 +104,7 @@ def plot_exit_profile(table: pd.DataFrame, published: Sequence[float] | None = N
         lines = ax.get_legend_handles_labels()
         more = cost.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", ncols=2)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_class_heatmap(table: pd.DataFrame, title: str | None = None, fmt: str = ".0%",
@@ -122,8 +119,7 @@ def plot_class_heatmap(table: pd.DataFrame, title: str | None = None, fmt: str =
         ax.tick_params(axis="x", rotation=0)
         if title:
             ax.set_title(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_reliability(bins: pd.DataFrame, title: str | None = None) -> Figure:
@@ -147,8 +143,7 @@ def plot_reliability(bins: pd.DataFrame, title: str | None = None) -> Figure:
         axes[0][0].legend(loc="upper left")
         if title:
             fig.suptitle(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_confidence(confidences: pd.DataFrame, title: str | None = None) -> Figure:
@@ -169,8 +164,7 @@ def plot_confidence(confidences: pd.DataFrame, title: str | None = None) -> Figu
         axes[0][0].set_ylabel("test samples")
         if title:
             fig.suptitle(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_training(history: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
@@ -197,8 +191,7 @@ def plot_training(history: Sequence[Mapping[str, Any]], title: str | None = None
         loss.set_ylabel("training loss (sum over exits)")
         if title:
             fig.suptitle(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_examples(examples: Any, columns: int = 8) -> Figure:
@@ -228,8 +221,7 @@ def plot_examples(examples: Any, columns: int = 8) -> Figure:
             truth = f"\n(is {names[examples.labels[i]]})" if wrong else "\n"
             ax.set_title(f"exit {examples.exits[i]}: {names[examples.predictions[i]]}{truth}", fontsize=7,
                          color="tab:red" if wrong else "black")
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_risk(table: pd.DataFrame, title: str | None = None) -> Figure:
@@ -251,8 +243,7 @@ def plot_risk(table: pd.DataFrame, title: str | None = None) -> Figure:
         ax.legend(loc="upper left")
         if title:
             ax.set_title(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_sensitivity(table: pd.DataFrame, param: str, title: str | None = None) -> Figure:
@@ -277,8 +268,7 @@ def plot_sensitivity(table: pd.DataFrame, param: str, title: str | None = None) 
         ax.set_xlabel(param)
         n = int(rows["n_seeds"].max()) if "n_seeds" in rows and len(rows) else 1
         ax.set_title(title or (f"sensitivity to {param}" + (f" (mean and std over {n} seeds)" if n > 1 else "")))
-    plt.close(fig)
-    return fig
+    return _closed(fig)
 
 
 def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: str | None = None) -> Figure:
@@ -304,8 +294,44 @@ def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: 
             reward.legend(loc="lower right", ncols=2)
         if title:
             fig.suptitle(title)
-    plt.close(fig)
-    return fig
+    return _closed(fig)
+
+
+def plot_split(table: pd.DataFrame, title: str | None = None) -> Figure:
+    """An edge/cloud split per split point: images answered on the device and device ms (left), bytes sent (right).
+
+    table: workbench.split_table rows (split_after, local_share, device_ms, mean_device_ms, bytes_fp32,
+    bytes_bf16, bytes_int8, mean_bytes_fp32).
+    """
+    with plt.rc_context(_STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.8), layout="constrained")
+        k = table["split_after"]
+        left.bar(k, table["local_share"], color=_PALETTE[0], alpha=0.7, label="answered on the device")
+        left.set_ylim(0, 1)
+        left.set_xlabel("split after stage k")
+        left.set_ylabel("share of images")
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _percent(left)
+        ms = left.twinx()
+        ms.plot(k, table["device_ms"], "-D", ms=4, color=_PALETTE[3], label="device ms, image going on")
+        ms.plot(k, table["mean_device_ms"], "--o", ms=4, color=_PALETTE[2], label="device ms, mean per image")
+        ms.set_ylim(0, 1.1 * float(table["device_ms"].max()))
+        ms.set_ylabel("device time per image (ms)")
+        ms.grid(False)
+        lines, more = left.get_legend_handles_labels(), ms.get_legend_handles_labels()
+        # legends below the panels: inside, they cover bars or the twin axis' ticks
+        left.legend(lines[0] + more[0], lines[1] + more[1], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                    frameon=False)
+        for i, (col, name) in enumerate([("bytes_fp32", "fp32"), ("bytes_bf16", "bf16"), ("bytes_int8", "int8")]):
+            right.bar(k + (i - 1) * 0.27, table[col], width=0.27, color=_PALETTE[4 + i], label=f"{name}, if sent")
+        right.plot(k, table["mean_bytes_fp32"], "-o", ms=4, color="black", label="fp32, mean sent per image")
+        right.set_xlabel("split after stage k")
+        right.set_ylabel("bytes per image")
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+        if title:
+            fig.suptitle(title)
+    return _closed(fig)
 
 
 def export_figure(fig: Figure, name: str, folder: str | Path = "figures") -> list[Path]:
@@ -356,6 +382,12 @@ def _percent(ax: Any, x_too: bool = False) -> None:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
 
+def _closed(fig: Figure) -> Figure:
+    """The figure, closed in pyplot: nothing shows twice in a notebook, and the figure is still drawn and saved."""
+    plt.close(fig)
+    return fig
+
+
 def _wrap(text: str, width: int) -> str:
     """Text broken into lines of at most `width` characters."""
     import textwrap
@@ -365,4 +397,4 @@ def _wrap(text: str, width: int) -> str:
 
 __all__ = ["export_figure", "export_table", "plot_class_heatmap", "plot_confidence", "plot_examples",
            "plot_dqn_training", "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reliability",
-           "plot_risk", "plot_sensitivity", "plot_training"]
+           "plot_risk", "plot_sensitivity", "plot_split", "plot_training"]

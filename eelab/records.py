@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from .device import cast_for_inference, cast_input, inference_precision
 from .errors import EelabError
 from .files import load_torch, save_torch
 from .models import MultiExitNet
@@ -128,31 +129,36 @@ def check_same_model(a: ExitRecord, b: ExitRecord, what_a: str = "record", what_
 def collect(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
             prepare: Callable[[torch.Tensor], torch.Tensor], costs: torch.Tensor, full_cost: float,
             meta: dict[str, Any] | None = None, batch_size: int = 500, progress: bool = True,
-            device: str | torch.device = "cpu") -> ExitRecord:
+            device: str | torch.device = "cpu", precision: str = "fp32") -> ExitRecord:
     """Run a multi-exit model once over `images` [N, ch, H, W] uint8 and keep every exit's logits in fp32.
 
     `model(x)` must return logits [B, K, C]; `prepare` turns a uint8 batch into the model's float input.
-    A MultiExitNet with confidence branches also fills the record's confidences [N, K].
+    A MultiExitNet with confidence branches also fills the record's confidences [N, K]. precision: fp32,
+    bf16 or auto (eelab.device.inference_precision); bf16 runs a copy of the model cast once, and the
+    record's meta["precision"] says which ran.
     """
+    precision = inference_precision(precision, device)
     was_training = model.training
     model.eval()
+    net = cast_for_inference(model, precision)
     outs, confs = [], []
     n = images.shape[0]
     for start in tqdm(range(0, n, batch_size), desc="record", unit="batch", disable=not progress, leave=False):
-        x = prepare(images[start:start + batch_size].to(device))
-        out, conf = (model.forward_with_confidences(x) if isinstance(model, MultiExitNet) else (model(x), None))
+        x = cast_input(prepare(images[start:start + batch_size].to(device)), precision)
+        out, conf = (net.forward_with_confidences(x) if isinstance(net, MultiExitNet) else (net(x), None))
         if conf is not None:
             confs.append(conf.float().cpu())
         outs.append(out.float().cpu())
     model.train(was_training)
     return ExitRecord(logits=torch.cat(outs), labels=labels.long().clone(), indices=indices.long().clone(),
-                      costs=costs.double().clone(), full_cost=float(full_cost), meta=dict(meta or {}),
+                      costs=costs.double().clone(), full_cost=float(full_cost),
+                      meta={**(meta or {}), "precision": precision},
                       confidences=torch.cat(confs) if confs else None)
 
 
 def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = None, batch_size: int = 500,
-                      progress: bool = True) -> ExitRecord:
-    """Run a checkpoint once over its dataset's cal or test split -> ExitRecord.
+                      progress: bool = True, precision: str = "fp32") -> ExitRecord:
+    """Run a checkpoint once over its dataset's cal or test split -> ExitRecord (precision: see collect).
 
     limit: only a seeded random subset of `limit` samples, in index order (image folders are sorted by class,
     so the first samples would all be one class); the subset depends only on the checkpoint's seed.
@@ -192,7 +198,7 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
     mean, std = cfg["mean"], cfg["std"]
     return collect(model, images, labels, idx, lambda x: prepare(x, mean, std),
                    torch.tensor(cfg["costs"], dtype=torch.float64), cfg["full_cost"], meta,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, precision=precision)
 
 
 def summarize_records(cal: ExitRecord, test: ExitRecord) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (checkpoint_config, load_checkpoint, load_state, read_checkpoint_config, read_history,
                          save_checkpoint)
 from .data import DATASETS, augment, channel_stats, load_dataset, prepare, split_train_cal
+from .device import cpu_bf16_flags, default_device
 from .errors import EelabError
 from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
 
@@ -174,33 +175,6 @@ def train_options() -> tuple[Option, ...]:
 
 # ----------------------------------------------------------------------------- device and precision
 
-def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The CPU's native bfloat16 instruction sets among amx_bf16 and avx512_bf16.
-
-    Read from the flags of `cpuinfo` (a /proc/cpuinfo text); without it, from this machine's /proc/cpuinfo,
-    plus amx_bf16 when torch reports AMX. Either set makes bf16 convolutions and matmuls faster than fp32
-    (AMX: Sapphire Rapids and later Xeons; AVX512-BF16: Cooper Lake, AMD Zen 4 and 5). Without them torch
-    emulates bf16 and it is slower than fp32.
-    """
-    live = cpuinfo is None
-    if live:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            flags.update(line.split(":", 1)[1].split())
-    if live:
-        try:
-            if torch.backends.cpu.get_cpu_capability().upper().startswith("AMX"):
-                flags.add("amx_bf16")
-        except Exception:
-            pass
-    return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
-
-
 def choose_precision(requested: str, device: torch.device, bf16_flags: list[str] | None = None
                      ) -> torch.dtype | None:
     """Autocast dtype (None: fp32) for a precision in PRECISIONS (TrainConfig checked the name) on a device.
@@ -222,11 +196,6 @@ def choose_precision(requested: str, device: torch.device, bf16_flags: list[str]
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- losses

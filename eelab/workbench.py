@@ -269,6 +269,38 @@ def find_examples(record: ExitRecord, exits: torch.Tensor, n: int = 16, seed: in
     return Examples(images=pool[record.indices[rows]], **base)
 
 
+def split_table(profile: Mapping[str, Any], record: ExitRecord, exits: torch.Tensor) -> pd.DataFrame:
+    """Per split point k (device runs stages and heads 0..k, the remote part the rest): what an edge/cloud split costs.
+
+    profile: eelab.profile_checkpoint's dict (per stage cumulative_ms, activation_bytes); exits int64 [N] a
+    policy's on record [N, K, C]. One row per k: device_ms (stages + heads 0..k, ms per image at the profile's
+    batch), bytes_fp32 / bytes_bf16 / bytes_int8 (the activation after stage k per image: 4, 2, 1 bytes a value),
+    local_share (fraction of images with exit <= k, which never need the remote part), local_accuracy (their
+    accuracy at their exits; NaN when none), mean_device_ms (per image: device time up to min(exit, k)) and
+    mean_bytes_fp32 (per image: bytes_fp32 times the share that goes on).
+    """
+    stages = profile["stages"]
+    exits = torch.as_tensor(exits).long()
+    if len(stages) != record.k:
+        raise EelabError(f"the profile has {len(stages)} exits, the record {record.k}; profile the checkpoint the "
+                         f"record came from")
+    if exits.shape != (record.n,) or record.n == 0 or int(exits.min()) < 0 or int(exits.max()) >= record.k:
+        raise EelabError(f"exits must be int64 [{record.n}] in [0, {record.k}), one per record sample; got shape "
+                         f"{tuple(exits.shape)}")
+    ms = torch.tensor([float(s["cumulative_ms"]) for s in stages], dtype=torch.float64)  # [K]
+    right = record.logits[torch.arange(record.n), exits].argmax(-1) == record.labels  # [N]
+    rows = []
+    for k, stage in enumerate(stages):
+        local = exits <= k
+        share = float(local.double().mean())
+        fp32 = int(stage["activation_bytes"])
+        rows.append({"split_after": k, "device_ms": float(ms[k]), "bytes_fp32": fp32, "bytes_bf16": fp32 // 2,
+                     "bytes_int8": fp32 // 4, "local_share": share,
+                     "local_accuracy": float(right[local].double().mean()) if bool(local.any()) else math.nan,
+                     "mean_device_ms": float(ms[exits.clamp(max=k)].mean()), "mean_bytes_fp32": (1 - share) * fp32})
+    return pd.DataFrame(rows)
+
+
 def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
     """The grid's test record priced on cost axis x: in MACs (rel_macs) or measured ms (rel_ms)."""
     if x == "rel_macs":
@@ -281,5 +313,5 @@ def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
 
 __all__ = ["Examples", "PUBLISHED", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
            "find_examples", "frontier_areas", "matched_point", "matched_points", "operating_points",
-           "oracle_points", "reliability_bins", "risk_table", "sensitivity_table", "summarize_policies",
-           "target_accuracy"]
+           "oracle_points", "reliability_bins", "risk_table", "sensitivity_table", "split_table",
+           "summarize_policies", "target_accuracy"]

@@ -46,6 +46,7 @@ PROFILE_ROUNDS = 3 if SMOKE else 20    # timing rounds per stage for the latency
 TOLERANCE = 0.01                       # matched accuracy: the last exit's cal accuracy minus this
 BUDGET = 0.5                           # matched compute: at most this share of the plain network's MACs, on cal
 PATTERN_POLICY = "threshold"           # whose per-class exit pattern is shown
+SPLIT_POLICY = "threshold"             # whose exits the edge/cloud split table counts (at matched accuracy)
 N_BINS = 15                            # reliability-diagram bins
 SEED_CHECKPOINTS = []                  # the same recipe trained with other seeds: mean and spread in the summary
 
@@ -113,6 +114,23 @@ pattern_figure = plots.plot_class_heatmap(workbench.class_exits(points[PATTERN_P
 pattern_figure
 
 # %% [markdown]
+# ## Where to split between an edge device and the cloud
+#
+# Split after stage k: the device runs stages and heads 0..k (timed in the profile above, batch 1) and sends the
+# activation leaving stage k for the images the policy lets go on. Per split point: device time, bytes per
+# image (fp32, bf16, int8), and the share of test images `SPLIT_POLICY`, at matched accuracy, answers on the
+# device.
+
+# %%
+split_point = workbench.matched_point(grids[SPLIT_POLICY], accuracy=target)
+split = workbench.split_table(profile, test, grids[SPLIT_POLICY].exits[split_point])
+split
+
+# %%
+split_figure = plots.plot_split(split, title=f"edge/cloud split: {grids[SPLIT_POLICY].table.at[split_point, 'label']}")
+split_figure
+
+# %% [markdown]
 # ## Confidence and calibration per exit
 
 # %%
@@ -145,5 +163,6 @@ summary
 # %%
 widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
                                       "confidence": confidence_figure, "reliability": reliability_figure,
+                                      "split": split_figure, "split_table": split,
                                       "operating_points": matched, "summary": summary},
                       folder=FIGURES, prefix="04_")

@@ -107,12 +107,12 @@ OLD_FLAGS = {
              "--cost-weight --train-samples --cal-size --no-augment --precision --seed --head --head-hidden --dropout "
              "--widths --exits-after --exits-schedule --num-exits --image-size --threads --half-weights --resume "
              "--quiet --json",
-    "record": "--split --out --limit --batch-size --threads --quiet --json",
+    "record": "--split --out --limit --batch-size --precision --threads --quiet --json",
     "evaluate": "--policy --param --cal --save-policy --json",
     "sweep": "--policy --cal --json",
-    "predict": "--policy --param --threads --json",
-    "bench": "--policy --param --images --batch --batch-images --rounds --threads --json",
-    "profile": "--batch --rounds --threads --json",
+    "predict": "--policy --param --precision --batch --threads --json",
+    "bench": "--policy --param --precision --images --batch --batch-images --rounds --stream --threads --json",
+    "profile": "--batch --rounds --precision --threads --json",
 }
 
 

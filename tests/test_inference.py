@@ -126,3 +126,93 @@ def test_cli_predict_bench_profile(tiny_checkpoint, tmp_path, capsys):
     pol.save(tmp_path / "p.pt")
     assert main(["predict", str(tiny_checkpoint), str(tmp_path / "b.png"), "--policy", str(tmp_path / "p.pt")]) == 1
     assert "refit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16():
+    from eelab import device, training
+    from eelab.device import inference_precision
+
+    assert training.cpu_bf16_flags is device.cpu_bf16_flags  # one answer, importable from both
+    assert inference_precision("auto", "cpu", bf16_flags=[]) == "fp32"
+    assert inference_precision("auto", "cpu", bf16_flags=["amx_bf16"]) == "bf16"
+    assert inference_precision("auto", "cuda", bf16_flags=["amx_bf16"]) == "fp32"
+    assert [inference_precision(p, "cpu", bf16_flags=[]) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    with pytest.raises(EelabError, match="unknown precision 'fp16'"):
+        inference_precision("fp16")
+
+
+def test_bf16_casts_a_copy_once_and_answers_in_fp32():
+    from eelab.data import prepare
+    from eelab.testing import tiny_net, tiny_record_of
+
+    net = tiny_net(num_exits=4, num_classes=5, seed=1)
+    images = torch.randint(0, 256, (200, 3, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    record = tiny_record_of(net, prepare(images, [0.5] * 3, [0.25] * 3))
+    config = {"costs": record.costs.tolist(), "class_names": list("abcde"), "mean": [0.5] * 3, "std": [0.25] * 3,
+              "input_shape": [3, 8, 8]}
+    policy = make_policy("threshold", threshold=0.5)
+    fp32 = EarlyExitPredictor(net, config, policy)
+    bf16 = EarlyExitPredictor(net, config, policy, precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in net.parameters()} == {torch.float32} and fp32.model is net  # the caller's net is kept
+    a, b = fp32.predict(images), bf16.predict(images)
+    assert b["logits"].dtype == torch.float32
+    assert float((a["exits"] == b["exits"]).double().mean()) >= 0.9
+    torch.testing.assert_close(b["logits"], record.logits[torch.arange(record.n), b["exits"]], atol=0.1, rtol=0.05)
+    streamed = list(bf16.stream(images, batch=32))
+    assert [o.index for o in streamed] == list(range(200))
+    assert sum(o.exit == int(e) for o, e in zip(streamed, b["exits"])) >= 196  # bf16 rounding differs by batch
+
+
+def test_records_and_policy_files_carry_their_precision(tiny_checkpoint, tmp_path):
+    from eelab.inference import PrecisionNote
+    from eelab.policies import load_policy
+
+    assert record_checkpoint(tiny_checkpoint, "cal", progress=False).meta["precision"] == "fp32"
+    cal = record_checkpoint(tiny_checkpoint, "cal", progress=False, precision="bf16")
+    assert cal.meta["precision"] == "bf16" and cal.logits.dtype == torch.float32
+    policy = make_policy("budget", budget=0.8).fit(cal)
+    policy.save(tmp_path / "p.pt")
+    loaded = load_policy(tmp_path / "p.pt")
+    assert loaded.info["precision"] == "bf16"
+    with pytest.warns(PrecisionNote, match="fitted on bf16 records and predicts at fp32"):
+        EarlyExitPredictor.from_checkpoint(tiny_checkpoint, loaded)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionNote)
+        EarlyExitPredictor.from_checkpoint(tiny_checkpoint, loaded, precision="bf16")
+        EarlyExitPredictor.from_checkpoint(tiny_checkpoint, "threshold", precision="bf16")  # nothing fitted
+
+
+def test_cli_precision_and_stream(tiny_checkpoint, tmp_path, capsys):
+    import json as _json
+
+    from eelab.cli import main
+
+    assert main(["record", str(tiny_checkpoint), "--split", "cal", "--out", str(tmp_path / "cal.pt"), "--quiet",
+                 "--precision", "bf16", "--json"]) == 0
+    assert _json.loads(capsys.readouterr().out)["precision"] == "bf16"
+    assert main(["evaluate", str(tmp_path / "cal.pt"), "--policy", "budget", "--param", "budget=0.8",
+                 "--cal", str(tmp_path / "cal.pt"), "--save-policy", str(tmp_path / "p.pt"), "--json"]) == 0
+    capsys.readouterr()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (0, 40 * i, 255)).save(tmp_path / f"{i}.png")
+    files = [str(tmp_path / f"{i}.png") for i in range(5)]
+    assert main(["predict", str(tiny_checkpoint), *files, "--policy", str(tmp_path / "p.pt"), "--batch", "2",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "note:" in captured.err and "bf16" in captured.err
+    out = _json.loads(captured.out)
+    assert [p["source"] for p in out["predictions"]] == files and out["precision"] == "fp32"
+    assert main(["predict", str(tiny_checkpoint), *files, "--policy", str(tmp_path / "p.pt"), "--precision",
+                 "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.count("\n") == 5
+    assert main(["bench", str(tiny_checkpoint), "--images", "2", "--batch", "4", "--batch-images", "9",
+                 "--rounds", "1", "--stream", "--precision", "bf16", "--json"]) == 0
+    r = _json.loads(capsys.readouterr().out)
+    assert r["precision"] == "bf16" and r["stream4"]["peak_stage_rows"] <= 4 and r["stream4"]["peak_queued_bytes"] > 0
+    assert main(["profile", str(tiny_checkpoint), "--rounds", "1", "--precision", "bf16", "--json"]) == 0
+    assert _json.loads(capsys.readouterr().out)["stages"][0]["activation_bytes"] == 4 * 4 * 4 * 2

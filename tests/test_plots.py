@@ -111,3 +111,17 @@ def test_sensitivity_and_dqn_training_draw_the_given_numbers():
     reward, exits = fig.axes
     assert [list(line.get_ydata()) for line in reward.lines] == [[0.5, 0.6], [0.1]]
     assert [p.get_height() for p in exits.patches] == [0.3, 0.7, 0.9, 0.1]  # each agent's last report
+
+
+def test_split_draws_the_given_table():
+    table = pd.DataFrame({"split_after": [0, 1, 2], "device_ms": [1.0, 3.0, 6.0], "bytes_fp32": [400, 200, 40],
+                          "bytes_bf16": [200, 100, 20], "bytes_int8": [100, 50, 10], "local_share": [0.5, 0.75, 1.0],
+                          "local_accuracy": [1.0, 0.66, 0.75], "mean_device_ms": [1.0, 2.0, 2.75],
+                          "mean_bytes_fp32": [200.0, 50.0, 0.0]})
+    fig = plots.plot_split(table, title="split")
+    assert isinstance(fig, Figure)
+    left, right, ms = fig.axes
+    assert [round(p.get_height(), 6) for p in left.patches] == [0.5, 0.75, 1.0]
+    assert list(ms.lines[0].get_ydata()) == [1.0, 3.0, 6.0] and list(ms.lines[1].get_ydata()) == [1.0, 2.0, 2.75]
+    assert sorted(p.get_height() for p in right.patches) == sorted([400, 200, 40, 200, 100, 20, 100, 50, 10])
+    assert list(right.lines[0].get_ydata()) == [200.0, 50.0, 0.0]

@@ -269,3 +269,32 @@ def test_alpha_grid_is_fitted_in_one_batched_run_and_cached(pair, tmp_path, monk
     again = precompute_grid("alpha", *pair, grid, cache=tmp_path)
     assert calls == [4] and len(list(tmp_path.glob("alpha-*.pt"))) == 4  # one run for four alphas, then found
     assert first.table["accuracy"].tolist() == again.table["accuracy"].tolist()
+
+
+def test_split_table_by_hand():
+    # TINY_P with exits s0 -> 0 (right), s1 -> 2 (right), s2 -> 1 (wrong), s3 -> 0 (right)
+    record = testing.tiny_record()
+    profile = {"stages": [{"cumulative_ms": 1.0, "activation_bytes": 400},
+                          {"cumulative_ms": 3.0, "activation_bytes": 200},
+                          {"cumulative_ms": 6.0, "activation_bytes": 40}]}
+    table = workbench.split_table(profile, record, torch.tensor([0, 2, 1, 0]))
+    assert table["split_after"].tolist() == [0, 1, 2]
+    assert table["device_ms"].tolist() == [1.0, 3.0, 6.0]
+    assert table["bytes_fp32"].tolist() == [400, 200, 40]
+    assert table["bytes_bf16"].tolist() == [200, 100, 20] and table["bytes_int8"].tolist() == [100, 50, 10]
+    assert table["local_share"].tolist() == [0.5, 0.75, 1.0]
+    assert table["local_accuracy"].tolist() == pytest.approx([1.0, 2 / 3, 0.75])
+    # device time per image: up to min(exit, k): k=0 all 1 ms; k=1 1, 3, 3, 1; k=2 1, 6, 3, 1
+    assert table["mean_device_ms"].tolist() == pytest.approx([1.0, 2.0, 2.75])
+    assert table["mean_bytes_fp32"].tolist() == pytest.approx([200.0, 50.0, 0.0])
+
+
+def test_split_table_refuses_a_profile_or_exits_of_another_shape():
+    record = testing.tiny_record()
+    stage = {"cumulative_ms": 1.0, "activation_bytes": 4}
+    with pytest.raises(EelabError, match="profile has 2 exits"):
+        workbench.split_table({"stages": [stage, stage]}, record, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(EelabError, match="exits must be"):
+        workbench.split_table({"stages": [stage] * 3}, record, torch.tensor([0, 1, 3, 0]))
+    none_local = workbench.split_table({"stages": [stage] * 3}, record, torch.full((4,), 2))
+    assert math.isnan(none_local["local_accuracy"][0]) and none_local["local_share"][0] == 0.0

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import EelabError
 from ..records import ExitRecord
 from .alpha import AlphaPolicy, fit_alpha_grid
-from .base import Param, Policy, run_policy
+from .base import Param, Policy, decide_step, run_policy, state_rows
 from .budget import BudgetPolicy
 from .confidence import ConfidencePolicy
 from .dqn import DQNConfig, DQNPolicy, train_dqn
@@ -65,5 +65,5 @@ def default_grid(name: str, cal: ExitRecord) -> list[dict[str, Any]]:
 
 __all__ = ["POLICIES", "AlphaPolicy", "BudgetPolicy", "ConfidencePolicy", "DQNConfig", "DQNPolicy", "ExitEnv",
            "OraclePolicy", "Param", "PatiencePolicy", "Policy", "RiskPolicy", "StaticPolicy", "ThresholdPolicy",
-           "default_grid", "exit_features", "first_exits", "fit_alpha_grid", "load_policy", "make_policy",
-           "record_features", "run_policy", "score_logits", "show_value", "train_dqn"]
+           "decide_step", "default_grid", "exit_features", "first_exits", "fit_alpha_grid", "load_policy",
+           "make_policy", "record_features", "run_policy", "score_logits", "show_value", "state_rows", "train_dqn"]

@@ -98,7 +98,9 @@ class Policy:
     @staticmethod
     def cal_info(cal: ExitRecord) -> dict[str, Any]:
         """What every fit records about its cal record (a family fitting many policies at once reuses it)."""
-        return {"k": cal.k, "c": cal.c, "n_cal": cal.n, "checkpoint_sha256": cal.meta.get("checkpoint_sha256")}
+        # a fitted guarantee (risk control) holds at the precision its cal record was computed at
+        return {"k": cal.k, "c": cal.c, "n_cal": cal.n, "checkpoint_sha256": cal.meta.get("checkpoint_sha256"),
+                "precision": cal.meta.get("precision", "fp32")}
 
     def check_exits(self, num_exits: int) -> None:
         """Raise a one-line EelabError unless this policy can decide over K = num_exits exits."""
@@ -186,8 +188,7 @@ def run_policy(policy: Policy, num_exits: int, fetch: Fetch, n: int, keep_logits
         if rows.numel() == 0:
             break
         logits_k, inputs = _split_fetched(fetch(k, rows))
-        stop, state = policy.step(k, logits_k, state, **inputs)
-        stop, state = _check_stop(policy, stop, rows.numel()), _check_state(policy, state)
+        stop, state = decide_step(policy, k, logits_k, state, inputs)
         stopped = int(stop.sum())
         if stopped == 0:  # the cheap path (e.g. one image going on): nobody leaves, nothing to shrink
             continue
@@ -200,13 +201,29 @@ def run_policy(policy: Policy, num_exits: int, fetch: Fetch, n: int, keep_logits
         if keep_logits:
             kept = _keep(kept, rows[stop], logits_k[stop], n)
         exits[rows[stop]] = k
-        rows, state = rows[~stop], _shrink(state, ~stop)
+        rows, state = rows[~stop], state_rows(state, ~stop)
     if keep_logits:
         if rows.numel():
             last = _split_fetched(fetch(num_exits - 1, rows))[0]
             kept = last if kept is None and rows.numel() == n else _keep(kept, rows, last, n)
         return exits, kept if kept is not None else torch.empty(0, 0)
     return exits
+
+
+def decide_step(policy: Policy, k: int, logits_k: torch.Tensor, state: State,
+                inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, State]:
+    """One decision at exit k for B samples, checked: logits_k [B, C] -> (stop bool [B], state rows [B]).
+
+    The body of run_policy's loop, shared with the streamed predictor (which calls it on a batch gathered
+    from many input batches), so every driver decides through the same checks. inputs: INPUTS fields [B].
+    """
+    stop, state = policy.step(k, logits_k, state, **(inputs or {}))
+    return _check_stop(policy, stop, logits_k.shape[0]), _check_state(policy, state)
+
+
+def state_rows(state: State, index: torch.Tensor | slice) -> State:
+    """Some rows of every state tensor: index bool [B], int64 [b] or a slice (state travels with its samples)."""
+    return None if state is None else {key: value[index] for key, value in state.items()}
 
 
 def _split_fetched(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -229,11 +246,6 @@ def _check_state(policy: Policy, state: Any) -> State:
         raise EelabError(f"policy {policy.name} step returned state of type {type(state).__name__}; "
                          f"state must be None or a dict of tensors with leading dim B")
     return state
-
-
-def _shrink(state: State, keep: torch.Tensor) -> State:
-    """Keep the rows of every state tensor that belong to samples still running: keep bool [B]."""
-    return None if state is None else {key: value[keep] for key, value in state.items()}
 
 
 def _keep(kept: torch.Tensor | None, rows: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
