@@ -65,3 +65,49 @@ def tiny_config(folder: Path, **changes):
                       dataset=f"folder:{folder}", epochs=2, batch_size=6, cal_size=6, lr=0.05, eval_batch_size=7)
     return replace(cfg, **changes)
 
+
+# ---- a tiny K=4 network run live (tests/test_live.py, tests/test_stream.py) ----------------------------------
+LIVE_MEAN, LIVE_STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def _live_images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def live():
+    """(tiny K=4 net, uint8 images [64, 3, 8, 8], its exit record on them, a cal record on 256 other images)."""
+    from eelab.data import prepare
+    from eelab.testing import tiny_net, tiny_record_of
+
+    net = tiny_net(num_exits=4, num_classes=5, seed=1)
+    images = _live_images(64, 2)
+    record = tiny_record_of(net, prepare(images, LIVE_MEAN, LIVE_STD))
+    cal = tiny_record_of(net, prepare(_live_images(256, 3), LIVE_MEAN, LIVE_STD))
+    return net, images, record, cal
+
+
+@pytest.fixture(scope="session")
+def live_policy(live):
+    """name -> a fresh live-capable policy (patience, budget, threshold per exit, dqn), fitted where it learns
+    anything on the cal record of other images: a threshold fitted on these very images would lie exactly on
+    one image's score."""
+    from eelab.policies import make_policy
+
+    cal = live[3]
+    makers = {"patience": lambda: make_policy("patience", patience=2),
+              "budget": lambda: make_policy("budget", budget=0.55).fit(cal),
+              "threshold": lambda: make_policy("threshold", thresholds=[0.55, 0.5, 0.45]),
+              "dqn": lambda: make_policy("dqn", cost_weight=1.0, steps=150, batch_size=64).fit(cal)}
+    return lambda name: makers[name]()
+
+
+@pytest.fixture(scope="session")
+def live_predictor(live):
+    """policy -> an EarlyExitPredictor of the live net, configured as its checkpoint would be."""
+    from eelab.inference import EarlyExitPredictor
+
+    record = live[2]
+    config = {"costs": record.costs.tolist(), "class_names": [str(c) for c in range(record.c)],
+              "mean": LIVE_MEAN, "std": LIVE_STD, "input_shape": [3, 8, 8]}
+    return lambda policy: EarlyExitPredictor(live[0], config, policy)

@@ -2,54 +2,20 @@
 import pytest
 import torch
 
-from eelab.data import prepare
-from eelab.inference import EarlyExitPredictor
 from eelab.policies import Param, Policy, make_policy, run_policy
 from eelab.records import ExitRecord
-from eelab.testing import tiny_net, tiny_record_of
 
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+# the K=4 tiny net, its images, records, policies and predictor are the `live*` fixtures of conftest.py
 
 
-@pytest.fixture(scope="module")
-def live():
-    """(tiny K=4 net, uint8 images [64, 3, 8, 8], its exit record on them, a cal record on other images)."""
-    net = tiny_net(num_exits=4, num_classes=5, seed=1)
-    images = _images(64, 2)
-    record = tiny_record_of(net, prepare(images, MEAN, STD))
-    cal = tiny_record_of(net, prepare(_images(256, 3), MEAN, STD))
-    return net, images, record, cal
-
-
-def _policies(cal: ExitRecord) -> dict[str, Policy]:
-    """The live-capable policies the record and live inference must agree on; fitted ones on another record
-    (a threshold fitted on these very images would lie exactly on one image's score)."""
-    return {
-        "patience": make_policy("patience", patience=2),
-        "budget": make_policy("budget", budget=0.55).fit(cal),
-        "threshold per exit": make_policy("threshold", thresholds=[0.55, 0.5, 0.45]),
-        "dqn": make_policy("dqn", cost_weight=1.0, steps=150, batch_size=64).fit(cal),
-    }
-
-
-def _predictor(net, record: ExitRecord, policy: Policy) -> EarlyExitPredictor:
-    config = {"costs": record.costs.tolist(), "class_names": [str(c) for c in range(record.c)], "mean": MEAN,
-              "std": STD, "input_shape": [3, 8, 8]}
-    return EarlyExitPredictor(net, config, policy)
-
-
-@pytest.mark.parametrize("name", ["patience", "budget", "threshold per exit", "dqn"])
+@pytest.mark.parametrize("name", ["patience", "budget", "threshold", "dqn"])  # threshold: one per exit
 @pytest.mark.parametrize("batch", [1, 64])
-def test_live_equals_decide_on_the_record(live, name, batch):
-    net, images, record, cal = live
-    policy = _policies(cal)[name]
+def test_live_equals_decide_on_the_record(live, live_policy, live_predictor, name, batch):
+    _, images, record, _ = live
+    policy = live_policy(name)
     want = policy.decide(record)
     assert len(set(want.tolist())) >= 2, "the comparison must cover several exits"
-    pred = _predictor(net, record, policy)
+    pred = live_predictor(policy)
     outs = [pred.predict(images[s:s + batch]) for s in range(0, images.shape[0], batch)]
     exits, logits = torch.cat([o["exits"] for o in outs]), torch.cat([o["logits"] for o in outs])
     assert torch.equal(exits, want)
@@ -57,14 +23,14 @@ def test_live_equals_decide_on_the_record(live, name, batch):
     assert torch.equal(torch.cat([o["macs"] for o in outs]), pred.costs[want])
 
 
-def test_live_runs_each_stage_only_on_the_samples_still_running(live):
+def test_live_runs_each_stage_only_on_the_samples_still_running(live, live_predictor):
     net, images, record, _ = live
     policy = make_policy("patience", patience=2)
     want = policy.decide(record)
     seen = []
     hooks = [stage.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for stage in net.stages]
     try:
-        _predictor(net, record, policy).predict(images)
+        live_predictor(policy).predict(images)
     finally:
         for hook in hooks:
             hook.remove()

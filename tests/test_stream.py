@@ -3,28 +3,12 @@ import pytest
 import torch
 
 from eelab.errors import EelabError
-from eelab.inference import EarlyExitPredictor
-from eelab.policies import POLICIES, Policy, make_policy
-from eelab.records import ExitRecord
+from eelab.policies import POLICIES, make_policy
 from eelab.testing import random_record
-from test_live import MEAN, STD, live  # noqa: F401 - the K=4 tiny net, its images and records
 
 # parameters that keep each family fast and its decisions spread over several exits
 FAST = {"alpha": {"steps": 30}, "dqn": {"steps": 60, "batch_size": 64}, "static": {"exit": 1},
         "threshold": {"threshold": 0.6, "temperature": True}, "patience": {"patience": 2}, "budget": {"budget": 0.6}}
-
-
-def _policy(name: str, cal: ExitRecord) -> Policy:
-    return {"patience": lambda: make_policy("patience", patience=2),
-            "budget": lambda: make_policy("budget", budget=0.55).fit(cal),
-            "threshold": lambda: make_policy("threshold", thresholds=[0.55, 0.5, 0.45]),
-            "dqn": lambda: make_policy("dqn", cost_weight=1.0, steps=150, batch_size=64).fit(cal)}[name]()
-
-
-def _predictor(net, record: ExitRecord, policy: Policy) -> EarlyExitPredictor:
-    config = {"costs": record.costs.tolist(), "class_names": [str(c) for c in range(record.c)], "mean": MEAN,
-              "std": STD, "input_shape": [3, 8, 8]}
-    return EarlyExitPredictor(net, config, policy)
 
 
 @pytest.mark.parametrize("name", sorted(set(POLICIES) - {"oracle"}))
@@ -47,12 +31,12 @@ def test_oracle_is_the_one_policy_that_does_not_run_live():
 
 @pytest.mark.parametrize("name", ["threshold", "patience", "budget", "dqn"])
 @pytest.mark.parametrize("batch,wait,feed", [(16, 0, 1), (16, 3, 5), (64, 1, 70), (7, 100, 3)])
-def test_stream_equals_the_record_and_predict(live, name, batch, wait, feed):
-    net, images, record, cal = live
-    policy = _policy(name, cal)
+def test_stream_equals_the_record_and_predict(live, live_policy, live_predictor, name, batch, wait, feed):
+    _, images, record, _ = live
+    policy = live_policy(name)
     want = policy.decide(record)
     assert len(set(want.tolist())) >= 2, "the comparison must cover several exits"
-    pred = _predictor(net, record, policy)
+    pred = live_predictor(policy)
     pieces = [images[s:s + feed] for s in range(0, images.shape[0], feed)]
     if feed == 1:
         pieces = [p[0] for p in pieces]  # single images [ch, H, W]
@@ -68,14 +52,14 @@ def test_stream_equals_the_record_and_predict(live, name, batch, wait, feed):
 
 
 @pytest.mark.parametrize("wait", [0, 2, 10**6])
-def test_stream_is_bounded(live, wait):
+def test_stream_is_bounded(live, live_predictor, wait):
     """No stage runs on more than a batch, fewer than two batches wait before any stage, and an image is
     answered at most `wait` input batches after it arrived; with nothing flushed early, every stage runs at
     full batch until the stream ends."""
     net, images, record, _ = live
     images = torch.cat([images] * 3)  # 210 images
     batch, pulled, events = 8, [0], []
-    pred = _predictor(net, record, make_policy("patience", patience=2))
+    pred = live_predictor(make_policy("patience", patience=2))
 
     def one_by_one():
         for img in images:
@@ -103,9 +87,9 @@ def test_stream_is_bounded(live, wait):
         assert all(e["rows"] == batch for e in events if e["pulled"] < images.shape[0])
 
 
-def test_stream_takes_any_iterable_and_refuses_what_is_no_image(live):
-    net, images, record, _ = live
-    pred = _predictor(net, record, make_policy("threshold", threshold=0.5))
+def test_stream_takes_any_iterable_and_refuses_what_is_no_image(live, live_predictor):
+    _, images, _, _ = live
+    pred = live_predictor(make_policy("threshold", threshold=0.5))
     assert list(pred.stream([], batch=4)) == []
     assert len(list(pred.stream(images.split(9), batch=4))) == images.shape[0]
     with pytest.raises(EelabError, match="uint8 images"):
