@@ -3,18 +3,28 @@
 A CHECKPOINT is a directory: model.pt (weights), config.json (factory and arguments, dataset, class names,
 normalisation, seed, exit costs), history.json (per-epoch figures), state.pt (optimizer etc. for resume;
 git-ignored). Every file is written atomically and read with torch.load(weights_only=True).
+
+A training claims its directory first (claim_run): a lock file with pid and host keeps a second training out
+(stale once that pid is dead), and a directory holding another run is refused unless overwrite, which removes
+that run's files, records, summary and policies, so no old record stays beside a new model.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .__version__ import __version__
 from .errors import EelabError
-from .files import load_json, load_torch, save_json, save_torch
+from .files import (clean_stale_temps, file_kind, host_name, load_json, load_torch, pid_alive, save_json,
+                    save_torch)
 from .models import ModelConfig, MultiExitNet, build_model
 
 FORMAT = "eelab.checkpoint"
@@ -71,6 +81,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                   f"{(missing + unexpected + wrong)[0]}")
         raise EelabError(f"{path / 'model.pt'} holds weights of another architecture than {cfg['factory']!r} "
                          f"({detail}); use the model.pt trained with this config.json")
+    # a finite sum means every weight is finite (numpy: single-threaded, fast on busy cores)
+    bad = next((k for k, v in state.items() if v.is_floating_point()
+                and not np.isfinite(v.detach().double().numpy().sum())), None)
+    if bad is not None:
+        raise EelabError(f"{path / 'model.pt'} holds NaN or infinite weights ({bad}); the run that wrote it diverged: "
+                         f"retrain with a lower --lr (`eelab train --out {path} --overwrite`)")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg
 
@@ -79,7 +95,8 @@ def save_checkpoint(out: str | Path, model: MultiExitNet, config: dict[str, Any]
                     state: dict[str, Any], half_weights: bool = False) -> None:
     """Write config.json, model.pt (fp16 floats with half_weights), history.json, then state.pt, each atomically."""
     out = Path(out)
-    weights = {k: (v.half() if half_weights and v.is_floating_point() else v).detach().cpu().clone()
+    # fp16 halves the file; a float beyond fp16's range (a batch-norm running_var of an unsettled net) stays fp32
+    weights = {k: (v.half() if half_weights and v.is_floating_point() and _fits_half(v) else v).detach().cpu().clone()
                for k, v in model.state_dict().items()}
     save_json(config, out / "config.json")
     save_torch(weights, out / "model.pt")
@@ -87,15 +104,138 @@ def save_checkpoint(out: str | Path, model: MultiExitNet, config: dict[str, Any]
     save_torch(state, out / "state.pt")  # last: resume trusts state.pt, which holds the weights too
 
 
+def _fits_half(v: torch.Tensor) -> bool:
+    """Whether every value of a float tensor survives fp16 (no overflow to infinity)."""
+    return not v.numel() or float(v.detach().abs().max()) <= float(torch.finfo(torch.float16).max)
+
+
 def load_state(out: str | Path) -> dict[str, Any]:
     """state.pt of a run (weights, optimizer, scheduler, generators, epoch), for resume."""
-    return load_torch(Path(out) / "state.pt", "training state", "start again without --resume into a new --out")
+    state = load_torch(Path(out) / "state.pt", "training state", _RESTART.format(out=out))
+    if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "scheduler"} <= set(state):
+        raise EelabError(f"{Path(out) / 'state.pt'} is not an eelab training state; {_RESTART.format(out=out)}")
+    return state
 
 
-def read_history(path: str | Path) -> list[dict]:
+def read_history(path: str | Path, resuming: bool = False) -> list[dict]:
     """Per-epoch figures of a checkpoint directory (history.json)."""
-    return load_json(Path(path) / "history.json", "training history", "train with `eelab train --out DIR`")
+    fix = _RESTART.format(out=path) if resuming else "train with `eelab train --out DIR`"
+    history = load_json(Path(path) / "history.json", "training history", fix)
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise EelabError(f"{Path(path) / 'history.json'} is not a list of per-epoch rows; {fix}")
+    return history
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "checkpoint_config", "load_checkpoint", "load_state", "read_checkpoint_config",
-           "read_history", "save_checkpoint", "sha_indices"]
+# ----------------------------------------------------------------------------- claiming a run directory
+
+_RESTART = "this run cannot be resumed: train it again with --overwrite (its files are replaced) or into a new --out"
+LOCK = ".eelab-train.lock"
+RUN_FILES = ("model.pt", "config.json", "history.json", "state.pt")   # what train writes
+BESIDE_FILES = ("cal.pt", "test.pt", "summary.json")                # what belongs to that run's model
+
+
+def run_files(out: str | Path) -> list[Path]:
+    """The files of a run in a directory: its checkpoint files, records and summary, and every exit record or
+    policy file (*.pt) beside them; what --overwrite removes so nothing of an old run stays beside a new model."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    named = [out / name for name in RUN_FILES + BESIDE_FILES if (out / name).is_file()]
+    others = [f for f in sorted(out.glob("*.pt")) if f not in named and f.is_file()
+              and file_kind(f) in ("exit record", "policy file")]
+    return named + others
+
+
+@contextmanager
+def claim_run(out: str | Path, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Hold a run directory for one training, checked before any work starts.
+
+    A lock file (pid and host) keeps a second training out while this one runs; a lock whose pid is dead on this
+    host is stale and taken over. resume: the directory must hold the run's state.pt. Otherwise a directory that
+    holds another run (checkpoint files, records, summary, policies) is refused unless overwrite, which removes
+    them all first, so no old record stays beside a new model. Temp files of interrupted writes are removed.
+    Under torchrun rank 0 alone calls this.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EelabError(f"--out {out} is a file, not a directory; give a checkpoint directory path")
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise EelabError(f"--out {out} cannot be written ({folder} is not a writable folder); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EelabError(f"--out {out} cannot be created ({e.strerror or type(e).__name__}); choose another "
+                         "--out") from None
+    lock = _take_lock(out)
+    try:
+        if resume and not (out / "state.pt").is_file():
+            raise EelabError(f"nothing to resume in {out} (no state.pt; committed checkpoints do not keep it); drop "
+                             "--resume and train into a new --out, or pass --overwrite to replace it")
+        if not resume:
+            held = run_files(out)
+            if held and not overwrite:
+                raise EelabError(f"--out {out} already holds a training run ({', '.join(f.name for f in held)}); pass "
+                                 "--resume to continue it, --overwrite to replace it (its records, summary and "
+                                 "policies are removed too), or choose another --out")
+            for f in held:
+                f.unlink()
+        for name in RUN_FILES:
+            clean_stale_temps(out / name)
+        yield out
+    finally:
+        _release_lock(lock)
+
+
+def _take_lock(out: Path) -> Path:
+    """Create out/LOCK holding this process's pid and host; a stale lock (dead pid here) is taken over."""
+    lock = out / LOCK
+    me = json.dumps({"pid": os.getpid(), "host": host_name()})
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:  # stale: its pid is gone, or it is a half-written lock of a crash
+                lock.unlink(missing_ok=True)
+                continue
+            raise EelabError(f"--out {out} is in use by another training (pid {holder['pid']} on "
+                             f"{holder['host']}); wait for it, or choose another --out (if that run is gone, delete "
+                             f"{lock})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise EelabError(f"could not claim {out} ({lock} keeps coming back); choose another --out")
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    """Who holds a lock ({pid, host}), or None when the lock is stale."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError):
+        # unreadable: a crash between create and write, or a foreign file; stale once it is not brand new
+        try:
+            return None if time.time() - lock.stat().st_mtime > 5 else {"pid": "?", "host": "?"}
+        except FileNotFoundError:
+            return None
+    if host == host_name() and not pid_alive(pid):
+        return None
+    return {"pid": pid, "host": host}
+
+
+def _release_lock(lock: Path) -> None:
+    """Remove our own lock (never one another process took over)."""
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "LOCK", "RUN_FILES", "checkpoint_config", "claim_run", "load_checkpoint",
+           "load_state", "read_checkpoint_config", "read_history", "run_files", "save_checkpoint", "sha_indices"]

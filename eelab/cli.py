@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    """The one JSON printer: strict JSON (NaN and infinities as null, see _json_safe)."""
+    sys.stdout.write(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _shared(*args: str, **kw: Any) -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ _THREADS = _shared("--threads", type=int, metavar="N", help="torch CPU threads")
 _JSON = _shared("--json", action="store_true", help="print the result as JSON on stdout")
 _QUIET = _shared("--quiet", action="store_true", help="no progress bars")
 _CAL = _shared("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
+_OVERWRITE = _shared("--overwrite", action="store_true", help="replace what the output path holds (another run, or a "
+                                                              "file of another kind)")
 
 
 def _subcommand(sub: Any, run: Callable[[argparse.Namespace], int],
@@ -61,7 +64,7 @@ def _policy_names() -> str:
 def _add_train(sub) -> None:
     from .training import train_options
 
-    p = _subcommand(sub, _run_train, _THREADS, _QUIET, _JSON)
+    p = _subcommand(sub, _run_train, _THREADS, _QUIET, _JSON, _OVERWRITE)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; an "
                                                          "option given must equal the run's")
@@ -140,7 +143,10 @@ def _run_train(a: argparse.Namespace) -> int:
     if model.keys() & set(_EXIT_PLACEMENT):  # exits are placed by one of these; a saved run holds them placed
         model = {**dict.fromkeys(_EXIT_PLACEMENT), **model}
     cfg = replace(base, model=replace(base.model, **model), **{o.field.name: v for o, v in given if not o.in_model})
-    out = train(cfg, a.out, resume=a.resume, progress=not a.quiet, half_weights=a.half_weights)
+    if a.resume and a.overwrite:
+        raise EelabError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    out = train(cfg, a.out, resume=a.resume, progress=not a.quiet, half_weights=a.half_weights,
+                overwrite=a.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 alone reports
     if a.json:
@@ -155,7 +161,7 @@ def _run_train(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- record
 
 def _add_record(sub) -> None:
-    p = _subcommand(sub, _run_record, _THREADS, _QUIET, _JSON)
+    p = _subcommand(sub, _run_record, _THREADS, _QUIET, _JSON, _OVERWRITE)
     p.add_argument("checkpoint", help="checkpoint directory (eelab train --out)")
     p.add_argument("--split", required=True, choices=["cal", "test"])
     p.add_argument("--out", required=True, help="record file to write (e.g. test.pt)")
@@ -170,11 +176,17 @@ def _run_record(a: argparse.Namespace) -> int:
     One forward pass over the cal or test split; writes every exit's logits and costs (an ExitRecord)
     atomically. At --precision bf16 the record's meta says so, and policies fitted on it record it.
     """
+    from .files import check_output
     from .records import record_checkpoint
 
+    if a.batch_size < 1:
+        raise EelabError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.limit is not None and a.limit < 1:
+        raise EelabError(f"--limit must be at least 1, got {a.limit}")
+    check_output(a.out, "exit record", a.overwrite)  # before the forward pass, not after it
     rec = record_checkpoint(a.checkpoint, a.split, limit=a.limit, batch_size=a.batch_size, progress=not a.quiet,
                             precision=a.precision)
-    rec.save(a.out)
+    rec.save(a.out, overwrite=a.overwrite)
     acc = (rec.logits.argmax(-1) == rec.labels[:, None]).double().mean(0).tolist()
     summary = {"out": str(a.out), "split": a.split, "shape": list(rec.logits.shape), "exit_accuracy": acc,
                "costs": rec.costs.tolist(), "full_cost": rec.full_cost, "precision": rec.meta["precision"]}
@@ -189,7 +201,7 @@ def _run_record(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- evaluate, sweep
 
 def _add_evaluate(sub) -> None:
-    p = _subcommand(sub, _run_evaluate, _CAL, _JSON)
+    p = _subcommand(sub, _run_evaluate, _CAL, _JSON, _OVERWRITE)
     p.add_argument("record", help="exit record to evaluate on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help=f"policy name ({_policy_names()}) or a saved policy file")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -235,10 +247,13 @@ def _run_evaluate(a: argparse.Namespace) -> int:
     Fit the policy on the cal record (where it learns anything), decide on RECORD, and report accuracy, compute
     saved, exit fractions and more.
     """
+    from .files import check_output
     from .metrics import evaluate
     from .policies import POLICIES, make_policy
     from .records import load_record
 
+    if a.save_policy:  # before the fit, so a bad path never costs the result
+        check_output(a.save_policy, "policy file", a.overwrite, option="--save-policy")
     record = load_record(a.record)
     policy = make_policy(a.policy, **_policy_params(a.param))
     cal_path = None
@@ -254,15 +269,15 @@ def _run_evaluate(a: argparse.Namespace) -> int:
             raise EelabError(f"policy file {a.policy} was fitted on checkpoint {fitted_on[:12]}, the record comes "
                              f"from {ours[:12]}; refit it on this model's cal record")
     exits = policy.decide(record)
-    if a.save_policy:
-        policy.save(a.save_policy)
     out = {"record": str(a.record), "cal": None if cal_path is None else str(cal_path), "policy": policy.name,
            "params": policy.params, "label": policy.describe(), **{f"fitted_{k}": v for k, v in policy.summary().items()},
            **evaluate(record, exits, overhead=policy.overhead_macs(record.k, record.c))}
     if hasattr(policy, "guarantee") and policy.fitted:
         out["guarantee"] = policy.guarantee()
+    if a.save_policy:
+        policy.save(a.save_policy, overwrite=a.overwrite)
     if a.json:
-        _print_json(_json_safe(out))
+        _print_json(out)
         return 0
     mega = 1e6
     print(f"{out['label']} on {a.record} ({record.n} samples, {record.k} exits)")
@@ -542,11 +557,44 @@ def _run_datasets(a: argparse.Namespace) -> int:
     return 1 if any(r.get("problems") for r in rows) else 0
 
 
+# ----------------------------------------------------------------------------- figures
+
+def _add_figures(sub) -> None:
+    p = _subcommand(sub, _run_figures, _JSON)
+    p.add_argument("notebook", help="01, 02, 03, 04, a notebook's name (04_compare_policies) or a path to a .ipynb")
+    p.add_argument("--out", required=True, help="folder for the figures, tables and NN_manifest.json")
+    p.add_argument("--checkpoint", help="checkpoint directory the notebook reads (default: the notebook's own)")
+    p.add_argument("--smoke", action="store_true", help="the notebook's quick run (subsets, thin grids), as the "
+                                                        "tests run it")
+
+
+def _run_figures(a: argparse.Namespace) -> int:
+    """a notebook's figures and tables, no browser
+
+    Runs the notebook top to bottom headless (its kernel in a subprocess), from the fits its earlier runs cached
+    in runs/fitted/, with its export on: the same figures (PDF, SVG, PNG), tables (CSV, LaTeX) and manifest the
+    export button writes, into --out. For papers rebuilt from a Makefile.
+    """
+    from .figures import make_figures
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise EelabError(f"--out {out} is a file; give a folder for the figures")
+    written = make_figures(a.notebook, out, smoke=a.smoke, checkpoint=a.checkpoint)
+    if a.json:
+        _print_json({"out": str(out), "files": [str(p) for p in written]})
+    else:
+        print(f"{len(written)} files written to {out}:")
+        for path in written:
+            print(f"  {path.name}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 # Literal list of subcommands, in the order `eelab --help` shows them.
 _SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep, _add_predict, _add_bench,
-                                 _add_profile, _add_datasets, _add_export]
+                                 _add_profile, _add_datasets, _add_export, _add_figures]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,6 +610,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> Callable:
+    """Show eelab's own warnings (EelabWarning) as one line on stderr, as errors are; others as Python would.
+    Returns the previous warnings.showwarning, which main restores."""
+    import warnings
+
+    from .errors import EelabWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning's signature
+        if isinstance(category, type) and issubclass(category, EelabWarning):
+            sys.stderr.write(f"eelab {command}: warning: {' '.join(str(message).split())}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    return default
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `eelab` command; returns the exit status."""
     parser = build_parser()
@@ -572,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
+    previous = _one_line_warnings(a.command)
     try:
+        if getattr(a, "threads", None) is not None and a.threads < 1:
+            raise EelabError(f"--threads must be at least 1, got {a.threads}")
         if getattr(a, "threads", None):
             import torch
             torch.set_num_threads(a.threads)
@@ -590,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"eelab {a.command}: internal error: {type(e).__name__}: {msg} "
                          "(rerun with EELAB_DEBUG=1 for a traceback, and please report it)\n")
         return 3
+    finally:
+        import warnings
+
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import published
@@ -84,19 +86,48 @@ def _offline() -> bool:
 def load_image(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
     """Decode one image file -> uint8 [channels, H, W], converted to RGB (3) or L (1), resized to size (H, W)."""
     path = Path(path)
-    if not path.is_file():
-        raise EelabError(f"image {path} does not exist; check the path")
+    check_image_path(path)
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if size is not None and (im.height, im.width) != tuple(size):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except EelabError:
+        raise
+    except Exception as e:  # Pillow raises many types for damaged files; all are the file's fault
         raise EelabError(f"{path} cannot be decoded as an image ({type(e).__name__}); give a JPEG/PNG/... file") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def check_image_path(path: str | Path) -> None:
+    """One-line errors for a path that is no image file: missing, a directory, a FIFO or device, empty."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise EelabError(f"image {path} does not exist; check the path") from None
+    except OSError as e:
+        raise EelabError(f"image {path} cannot be read ({e.strerror or type(e).__name__}); check the path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EelabError(f"image {path} is a directory, not an image file; give the image files inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise EelabError(f"image {path} is not a regular file (a FIFO, socket or device); give an image file")
+    if st.st_size == 0:
+        raise EelabError(f"image {path} is empty (0 bytes); give a JPEG/PNG/... file, or delete it")
+
+
+def _open_image(path: Path) -> "Image.Image":
+    """Image.open with a header that declares too many pixels (a decompression bomb) refused in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise EelabError(f"image {path} declares more than {Image.MAX_IMAGE_PIXELS} pixels in its header (a "
+                             "decompression bomb, or a huge image); give a smaller image") from None
 
 
 def _list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -105,21 +136,25 @@ def _list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str
         raise EelabError(f"{split_dir} has no class folders; an image folder needs {split_dir}/<class>/<image>")
     files, labels = [], []
     for i, c in enumerate(classes):
-        for f in sorted((split_dir / c).iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-                labels.append(i)
-    if not files:
-        raise EelabError(f"{split_dir} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+        found = [f for f in sorted((split_dir / c).iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise EelabError(f"class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add its "
+                             "images or remove the folder")
+        files += found
+        labels += [i] * len(found)
+    if len(classes) < 2:
+        raise EelabError(f"{split_dir} has one class folder ({classes[0]}); a classifier needs at least two classes, "
+                         f"each in {split_dir}/<class>/")
     return files, labels, classes
 
 
 def _decode_folder(split_dir: Path, size: tuple[int, int] | None, channels: int | None,
                    progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     files, labels, classes = _list_image_folder(split_dir)
-    if size is None or channels is None:
+    if size is None or channels is None:  # the first image decides; it is checked as every image is
+        first = load_image(files[0], None, 3)
         with Image.open(files[0]) as im:
-            size = size or (im.height, im.width)
+            size = size or tuple(first.shape[1:])
             channels = channels or (1 if im.mode in ("L", "1", "I;16", "I") else 3)
     images = torch.empty(len(files), channels, *size, dtype=torch.uint8)
     for i, f in enumerate(tqdm(files, desc=f"decode {split_dir.name}", unit="img", disable=not progress)):

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+class EelabWarning(UserWarning):
+    """A one-line warning about the user's input (e.g. a class with few cal images); the CLI prints it as one line."""
+
+
 class EelabError(Exception):
     """A user-facing error: its message names the problem and the fix, on one line."""
 

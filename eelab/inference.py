@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import load_dataset, load_image, prepare
+from .data import check_image_path, load_dataset, load_image, prepare
 from .device import cast_for_inference, cast_input, inference_precision
 from .errors import EelabError
 from .files import sha256_file
@@ -26,7 +26,7 @@ from .metrics import charged_costs
 from .models import MultiExitNet, count_macs
 from .policies import Policy, decide_step, make_policy, run_policy, state_rows
 from .policies.base import State
-from .records import load_record
+from .records import check_record_of, load_record
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | 
             raise EelabError(f"policy {pol.name} must be fitted on a cal record and {cal} is missing; record it "
                              f"with `eelab record CHECKPOINT --split cal --out CHECKPOINT/cal.pt` or give a saved "
                              f"policy file")
-        pol.fit(load_record(cal))
+        cal_record = load_record(cal)
+        check_record_of(cal_record, checkpoint, str(cal))  # e.g. a cal.pt left beside a model trained later
+        pol.fit(cal_record)
     return pol
 
 
@@ -240,6 +242,8 @@ class EarlyExitPredictor:
         """Streamed early exit over image files, decoded lazily as the queues need them -> Prediction per file."""
         ch, h, w = self.config["input_shape"]
         paths = list(paths)
+        for p in paths:  # every path checked (a stat, no decoding) before the first image runs
+            check_image_path(p)
         for out in self.stream((load_image(p, (h, w), ch) for p in paths), batch=batch):
             prob, cls_idx = torch.softmax(out.logits, dim=-1).max(dim=-1)
             yield Prediction(int(cls_idx), self.class_names[int(cls_idx)], float(prob), out.exit, out.macs,

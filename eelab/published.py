@@ -212,6 +212,17 @@ def _escapes(m: tarfile.TarInfo) -> bool:
     return m.islnk() and outside(m.linkname)   # a hardlink's target is relative to the archive's root
 
 
+def _check_tail(tf: tarfile.TarFile, archive: Path) -> None:
+    """Refuse an archive whose member list ended early: tarfile takes a damaged header for the end, so everything
+    after the last member read must be the end-of-archive zero blocks (reading it to the end also runs gzip's
+    CRC check)."""
+    tf.fileobj.seek(tf.offset)
+    while chunk := tf.fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise EelabError(f"{archive} is corrupt: its member list breaks off at byte {tf.offset} of the unpacked "
+                             "stream with data after it; delete it and download it again from its publisher")
+
+
 def unpack_archive(archive: Path, into: Path, progress: bool) -> None:
     """Unpack a tar archive into the new folder `into`, all or nothing.
 
@@ -225,13 +236,16 @@ def unpack_archive(archive: Path, into: Path, progress: bool) -> None:
         try:
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()   # reads to the end: a truncated archive fails here, before writing
+                _check_tail(tf, archive)
+                if not any(m.isfile() for m in members):
+                    raise EelabError(f"{archive} holds no files; delete it and download it again from its publisher")
                 bad = next((m.name for m in members if _escapes(m)), None)
                 if bad is not None:
                     raise EelabError(f"{archive} holds a member {bad!r} that would land outside {into}; refusing to "
                                      "unpack it: get the archive from its publisher again")
                 for m in tqdm(members, desc=f"unpack {archive.name}", unit="file", disable=not progress):
                     tf.extract(m, tmp, filter="data")   # the stdlib's own check too
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as e:
             raise EelabError(f"{archive} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]}); delete it and "
                              "download it again from its publisher") from None
         tops = [p for p in tmp.iterdir()]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .errors import EelabError
 from .metrics import evaluate, exit_values, headline_metrics, pareto_front, sum_at_exits
@@ -65,14 +66,15 @@ def cache_path(cache: str | Path, factory: Factory, point: Mapping[str, Any], ca
 
 def fit_points(factory: Factory, points: Sequence[Mapping[str, Any]], cal: ExitRecord,
                cache: str | Path | None = None, fit: Callable[[int, Policy], Policy] | None = None,
-               found: Callable[[int, Policy], None] | None = None) -> list[Policy]:
+               found: Callable[[int, Policy], None] | None = None, progress: bool = True) -> list[Policy]:
     """One policy per point, fitted on cal: the one place policies are fitted for a grid.
 
     cache: a folder where each point's fitted policy (where it needs a fit) is saved and found again
     (cache_path), so a learned family is trained once across notebooks and runs. fit(i, policy): how to fit
     point i (e.g. with a live-plot callback); without it a family with a batched `fit_grid(points, cal)`
     classmethod fits the missing points in one go, others one by one. found(i, policy) is called for each
-    point read from the cache.
+    point read from the cache. progress: a tqdm bar over the points to fit (a batched fit_grid moves it once,
+    when the batch is done); none when nothing needs fitting.
     """
     points = [dict(point) for point in points]
     # only what a fit learns is worth a file; a family with nothing to fit is rebuilt from its parameters
@@ -86,12 +88,18 @@ def fit_points(factory: Factory, points: Sequence[Mapping[str, Any]], cal: ExitR
                 found(i, ready[i])
     missing = [i for i in range(len(points)) if i not in ready]
     fit_grid = getattr(factory, "fit_grid", None)
-    if fit is not None:
-        fresh = [fit(i, factory(**points[i])) for i in missing]
-    elif callable(fit_grid) and missing:
-        fresh = list(fit_grid([points[i] for i in missing], cal))
-    else:
-        fresh = [factory(**points[i]).fit(cal) for i in missing]
+    learned = [i for i in missing if paths[i] is not None or factory(**points[i]).needs_fit()]
+    family = getattr(factory, "name", None) or getattr(factory, "__name__", "policy")
+    batched = fit is None and callable(fit_grid) and bool(missing)
+    with _bar(len(learned), f"fitting {len(learned)} {family} point(s) on cal" + (" (one batched run)" if batched
+              else ""), progress and bool(learned)) as bar:
+        if fit is not None:
+            fresh = [_advance(bar, fit(i, factory(**points[i]))) for i in missing]
+        elif batched:
+            fresh = list(fit_grid([points[i] for i in missing], cal))
+            bar.update(len(learned))
+        else:
+            fresh = [_advance(bar, factory(**points[i]).fit(cal)) for i in missing]
     for i, policy in zip(missing, fresh):
         if paths[i] is not None:
             policy.save(paths[i])
@@ -100,7 +108,7 @@ def fit_points(factory: Factory, points: Sequence[Mapping[str, Any]], cal: ExitR
 
 
 def sweep(policy: str | Factory, cal: ExitRecord, test: ExitRecord, grid: Grid | None = None,
-          cache: str | Path | None = None) -> pd.DataFrame:
+          cache: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Fit on cal and score on test at every grid point: one row per point.
 
     policy: a registry name, a Policy class, or any factory(**params) -> Policy. grid: {param: values}
@@ -108,6 +116,7 @@ def sweep(policy: str | Factory, cal: ExitRecord, test: ExitRecord, grid: Grid |
     parameters, fitted scalars (e.g. lambda), then accuracy, mean_macs (MACs/sample), rel_macs,
     compute_saved, effectiveness, effectiveness_block_index (eelab.metrics). A family's vectorised
     sweep_sums is used where it has one; its numbers equal fitting and deciding point by point (tested).
+    progress: fit_points' bar while learned points are fitted (stderr in a terminal).
     """
     check_same_model(test, cal, "record", "cal record")
     factory = resolve_factory(policy)
@@ -116,7 +125,7 @@ def sweep(policy: str | Factory, cal: ExitRecord, test: ExitRecord, grid: Grid |
     if fast is not None:
         sums, extras = fast
     else:
-        fitted = fit_points(factory, points, cal, cache)
+        fitted = fit_points(factory, points, cal, cache, progress=progress)
         sums = torch.zeros(len(fitted), 3, dtype=torch.float64)
         for i, p in enumerate(fitted):  # each charged its own decision MACs
             sums[i] = sum_at_exits(exit_values(test, p.overhead_macs(test.k, test.c)), p.decide(test).unsqueeze(0))[0]
@@ -189,7 +198,7 @@ class PolicyGrid:
 
 def precompute_grid(policy: str | Factory | Sequence[Policy], cal: ExitRecord, test: ExitRecord,
                     grid: Grid | None = None, latency: ExitRecord | None = None, max_points: int | None = None,
-                    name: str | None = None, cache: str | Path | None = None) -> PolicyGrid:
+                    name: str | None = None, cache: str | Path | None = None, progress: bool = True) -> PolicyGrid:
     """Fit every grid point on cal and evaluate it on test and cal, once: the operating points a panel shows.
 
     policy: a registry name, a Policy class or any factory(**params) -> Policy (fitted on cal at each point
@@ -197,7 +206,7 @@ def precompute_grid(policy: str | Factory | Sequence[Policy], cal: ExitRecord, t
     on cal only where they need a fit and have none), with grid then one parameter dict per policy to label it
     (default: its parameters). grid: as sweep's. latency: test with costs in ms (records.latency_record) for
     the latency axis. max_points thins a long grid evenly, ends kept (smoke runs). Per point: two decides and
-    two or three evaluates.
+    two or three evaluates. progress: tqdm bars saying what is fitted and scored (fit_points' and this one's).
     """
     check_same_model(test, cal, "record", "cal record")
     if latency is not None and (latency.n != test.n or not torch.equal(latency.labels, test.labels)):
@@ -210,9 +219,11 @@ def precompute_grid(policy: str | Factory | Sequence[Policy], cal: ExitRecord, t
         keep = sorted({round(i * (len(points) - 1) / max(max_points - 1, 1)) for i in range(max_points)})
         points = [points[i] for i in keep]
         given = None if given is None else ([given[0][i] for i in keep], points)
-    policies = given[0] if given is not None else fit_points(factory, points, cal, cache)
+    policies = given[0] if given is not None else fit_points(factory, points, cal, cache, progress=progress)
+    family = name or (policy if isinstance(policy, str) else (policies[0].name if policies else "policy"))
     rows, evaluated, exits = [], [], []
-    for pol, point in zip(policies, points):
+    for pol, point in _bar(zip(policies, points), f"scoring {len(points)} {family} point(s) on test and cal",
+                           progress, total=len(points)):
         overhead = pol.overhead_macs(test.k, test.c)
         chosen = pol.decide(test)
         m = evaluate(test, chosen, overhead=overhead)
@@ -227,34 +238,67 @@ def precompute_grid(policy: str | Factory | Sequence[Policy], cal: ExitRecord, t
         exits.append(chosen)
     table = pd.DataFrame(rows, index=range(len(rows)))
     table.attrs["params"] = sorted({key for point in points for key in point}, key=list(table.columns).index)
-    family = name or (policy if isinstance(policy, str) else (policies[0].name if policies else "policy"))
     return PolicyGrid(name=family, policies=list(policies), table=table, points=evaluated,
                       exits=torch.stack(exits) if exits else torch.empty(0, test.n, dtype=torch.long),
                       cal=cal, test=test, latency=latency)
 
 
+class PolicyGrids(dict):
+    """{name: PolicyGrid}, as precompute_grids returns it, with left_out {name: why} for the families these
+    records cannot feed (a normal situation, e.g. records without learned confidences)."""
+
+    def __init__(self, grids: Mapping[str, PolicyGrid] = (), left_out: Mapping[str, str] | None = None):
+        super().__init__(grids)
+        self.left_out: dict[str, str] = dict(left_out or {})
+
+
 def precompute_grids(names: Sequence[str], cal: ExitRecord, test: ExitRecord, latency: ExitRecord | None = None,
-                     max_points: int | None = None, cache: str | Path | None = None) -> dict[str, PolicyGrid]:
+                     max_points: int | None = None, cache: str | Path | None = None,
+                     progress: bool = True) -> PolicyGrids:
     """precompute_grid of several registered families on their default grids: {name: PolicyGrid}.
 
-    A family that reads a record field these records lack (e.g. learned confidences) is left out, with a
-    warning naming the field, so "every registered family" means every one that can decide on these records.
+    A family that reads a record field these records lack (e.g. learned confidences) is left out, so "every
+    registered family" means every one that can decide on these records; why is in the result's left_out
+    and, with progress, printed as a one-line note (not a warning: records without such a field are normal).
+    progress: a bar over the families (and the bars of each family's fit and scoring).
     """
-    import warnings
-
-    grids = {}
+    grids = PolicyGrids()
     for name in names:
         lacking = [f for f in getattr(POLICIES.get(name), "INPUTS", ()) if getattr(cal, f, None) is None
                    or getattr(test, f, None) is None]
         if lacking:
-            warnings.warn(f"policy {name} left out: it reads the record field(s) {', '.join(lacking)}, which these "
-                          f"records lack (record a model that outputs them)", stacklevel=2)
-            continue
-        grids[name] = precompute_grid(name, cal, test, latency=latency, max_points=max_points, cache=cache)
+            grids.left_out[name] = (f"it reads the record field(s) {', '.join(lacking)}, which these records lack "
+                                    f"(record a model that outputs them)")
+    wanted = [name for name in names if name not in grids.left_out]
+    with _bar(len(wanted), "policy grids", progress) as bar:
+        for name in wanted:
+            bar.set_description(f"policy grids: {name}")
+            grids[name] = precompute_grid(name, cal, test, latency=latency, max_points=max_points, cache=cache,
+                                          progress=progress)
+            bar.update(1)
+        bar.set_description("policy grids")
+    if progress:
+        for name, why in grids.left_out.items():
+            print(f"note: policy {name} left out: {why}")
     return grids
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _bar(iterable: Any, desc: str, progress: bool, total: int | None = None) -> Any:
+    """A tqdm.auto bar (a widget in a notebook, text in a terminal) over iterable, or over a count to update()
+    by hand when iterable is an int; disabled (it still counts) when not progress. A bar shows only once its
+    work has taken half a second (delay), and goes away when done (leave=False): a cell keeps its results."""
+    if isinstance(iterable, int):
+        return tqdm(total=iterable, desc=desc, disable=not progress, leave=False, delay=0.5)
+    return tqdm(iterable, desc=desc, total=total, disable=not progress, leave=False, delay=0.5)
+
+
+def _advance(bar: Any, value: Any) -> Any:
+    """value, after one step of the bar."""
+    bar.update(1)
+    return value
+
+
 def _is_family(factory: Any) -> bool:
     """Whether a factory is a Policy class (with a default grid and maybe a vectorised sweep)."""
     return isinstance(factory, type) and issubclass(factory, Policy)
@@ -302,5 +346,5 @@ def _sort_key(value: Any) -> tuple:
     return (1, 0.0, str(value))
 
 
-__all__ = ["HEADLINE", "PolicyGrid", "cache_path", "fit_points", "grid_points", "precompute_grid", "precompute_grids",
-           "resolve_factory", "sweep"]
+__all__ = ["HEADLINE", "PolicyGrid", "PolicyGrids", "cache_path", "fit_points", "grid_points", "precompute_grid",
+           "precompute_grids", "resolve_factory", "sweep"]

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import typing
+import warnings
 from contextlib import nullcontext
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from functools import cache
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_config, load_checkpoint, load_state, read_checkpoint_config, read_history,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_config, claim_run, load_checkpoint, load_state, read_checkpoint_config,
+                         read_history, save_checkpoint)
 from .data import DATASETS, augment, channel_stats, load_dataset, prepare, split_train_cal
 from .device import cpu_bf16_flags, default_device
-from .errors import EelabError
+from .errors import EelabError, EelabWarning
 from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -38,6 +39,8 @@ LR_SCHEDULES = ("onecycle", "cosine")
 OBJECTIVES = ("joint", "eenet")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3}
+MIN_CAL_PER_CLASS = 10  # fewer cal images of a class than this: a one-line warning
+MAX_SEED = 2**32 - 1  # seed + per-epoch offsets must stay inside torch's 64-bit generator seeds
 
 
 def _option(default: Any, help: str, **meta: Any) -> Any:
@@ -90,6 +93,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse a bad value or combination in one line, when the config is made (CLI, Python or a checkpoint)."""
         own = {f.name: f for f in fields(self)}
+        for f in own.values():  # every number finite (nan fails each range below, but inf would pass some)
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                           else (value,))):
+                raise EelabError(f"{_flag(f)} must be a finite number, got {value}")
         for f in own.values():
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -97,6 +105,7 @@ class TrainConfig:
                                  f"{', '.join(choices)}")
         ranges = (  # (field, whether its value is sensible, what it must be)
             ("epochs", self.epochs >= 1, "at least 1"),
+            ("image_size", self.image_size is None or self.image_size >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 2, "at least 2 (batch norm needs two samples)"),
             ("lr", self.lr is None or self.lr > 0, "above 0"),
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
@@ -110,6 +119,8 @@ class TrainConfig:
             ("cal_size", self.cal_size >= 0, "at least 0"),
             ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
             ("cost_weight", self.cost_weight >= 0, "at least 0"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (eelab offsets it for its generators, which "
+                                                 "take 64-bit seeds)"),
         )
         for name, ok, need in ranges:
             if not ok:
@@ -350,7 +361,7 @@ class _Parts:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
           callback: Callable[[dict], None] | None = None, half_weights: bool = False,
-          device: str | torch.device | None = None) -> Path:
+          device: str | torch.device | None = None, overwrite: bool = False) -> Path:
     """Train all exits jointly (or heads only, or the plain network only) and write a checkpoint after every epoch.
 
     callback(row) is called after each epoch's checkpoint is written (row = that epoch's history entry).
@@ -359,12 +370,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     Under torchrun (RANK, WORLD_SIZE > 1) this is one rank of DistributedDataParallel training: nccl on CUDA
     (device cuda:LOCAL_RANK), gloo on the CPU; each rank takes its share of every global batch (--batch-size is
     the global batch), rank 0 alone writes the checkpoint, shows progress and calls callback.
+    `out` is claimed first (checkpoint.claim_run; rank 0 holds the lock): a directory holding another run is
+    refused unless overwrite=True, which removes that run's files, records, summary and policies.
     """
     rank, world, local = _world()
     dev = torch.device(device) if device is not None else default_device()
     if world == 1:
         return _train(cfg, resume, _Run(Path(out), dev, rank=0, world=1, progress=progress, callback=callback,
-                                        half_weights=half_weights))
+                                        half_weights=half_weights), overwrite)
     if cfg.batch_size % world:
         raise EelabError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the {world} "
                          f"processes; use a multiple of {world}")
@@ -378,7 +391,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         return _train(cfg, resume, _Run(Path(out), dev, rank=rank, world=world, progress=progress and rank == 0,
-                                        callback=callback if rank == 0 else None, half_weights=half_weights))
+                                        callback=callback if rank == 0 else None, half_weights=half_weights),
+                      overwrite)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -386,13 +400,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
 
 def train_and_record(cfg: TrainConfig, out: str | Path, record_limit: int | None = None,
                      callback: Callable[[dict], None] | None = None,
-                     on_split: Callable[[str], None] | None = None) -> Path:
+                     on_split: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
     """train() a new run into `out`, then record its cal and test splits beside it (cal.pt, test.pt): a run the
     notebooks and `eelab evaluate` read as they read the reference. record_limit: a seeded subset of N samples
     of each split (smoke runs); on_split(split) is called before each split is recorded."""
     from .records import record_checkpoint
 
-    out = Path(train(cfg, out, progress=False, callback=callback))
+    out = Path(train(cfg, out, progress=False, callback=callback, overwrite=overwrite))
     for split in ("cal", "test"):
         if on_split is not None:
             on_split(split)
@@ -400,14 +414,15 @@ def train_and_record(cfg: TrainConfig, out: str | Path, record_limit: int | None
     return out
 
 
-def _train(cfg: TrainConfig, resume: bool, run: _Run) -> Path:
-    """One run (one rank of it under torchrun), phase by phase."""
+def _train(cfg: TrainConfig, resume: bool, run: _Run, overwrite: bool = False) -> Path:
+    """One run (one rank of it under torchrun): claim the output (rank 0), then the phases."""
     dtype = choose_precision(cfg.precision, run.device)
-    if resume and not (run.out / "state.pt").exists():
-        raise EelabError(f"nothing to resume in {run.out} (no state.pt); drop --resume to start a new run")
-    if not resume and (run.out / "state.pt").exists():
-        raise EelabError(f"{run.out} already holds a training run; pass --resume to continue it or choose another "
-                         "--out")
+    with claim_run(run.out, resume, overwrite) if run.rank == 0 else nullcontext():
+        return _phases(cfg, resume, run, dtype)
+
+
+def _phases(cfg: TrainConfig, resume: bool, run: _Run, dtype: torch.dtype | None) -> Path:
+    """Data, model, loss weights, optimizer, restore, epochs."""
     cfg, data = _load_data(cfg, run)
     if resume:
         cfg = _resumed_config(cfg, run.out)
@@ -436,6 +451,13 @@ def _load_data(cfg: TrainConfig, run: _Run) -> tuple[TrainConfig, _Data]:
     if run.rank == 0:
         _barrier(run.world, run.device)
     train_idx, cal_idx = split_train_cal(ds.train_images.shape[0], cfg.cal_size, cfg.seed)
+    if cal_idx.numel() and run.rank == 0:
+        per_class = torch.bincount(ds.train_labels[cal_idx], minlength=ds.num_classes)
+        few = [(name, int(n)) for name, n in zip(ds.class_names, per_class) if n < MIN_CAL_PER_CLASS]
+        if few:
+            warnings.warn(f"{len(few)} class(es) have fewer than {MIN_CAL_PER_CLASS} images in the cal split "
+                          f"(e.g. {few[0][0]}: {few[0][1]}); policies fitted on cal will be unreliable there: add "
+                          "images or raise --cal-size", EelabWarning, stacklevel=2)
     if cfg.train_samples is not None:
         if cfg.train_samples > train_idx.numel():
             raise EelabError(f"--train-samples {cfg.train_samples} is more than the {train_idx.numel()} training "
@@ -548,13 +570,18 @@ def _optimizer(cfg: TrainConfig, model: MultiExitNet, total_steps: int
 def _restore(out: Path, parts: _Parts) -> tuple[int, list[dict]]:
     """Load out/state.pt into the parts; returns (epochs done, their history rows)."""
     st = load_state(out)
-    parts.model.load_state_dict(st["model"])
-    parts.opt.load_state_dict(st["optimizer"])
-    parts.sched.load_state_dict(st["scheduler"])
-    parts.gen.set_state(st["generator"])
-    torch.set_rng_state(st["torch_rng"])
-    start = int(st["epoch"])
-    return start, read_history(out)[:start]
+    try:
+        parts.model.load_state_dict(st["model"])
+        parts.opt.load_state_dict(st["optimizer"])
+        parts.sched.load_state_dict(st["scheduler"])
+        parts.gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        start = int(st["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise EelabError(f"{out / 'state.pt'} does not fit this run ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:100]}); train it again with --overwrite or into a new "
+                         "--out") from None
+    return start, read_history(out, resuming=True)[:start]
 
 
 def _epochs(cfg: TrainConfig, data: _Data, parts: _Parts, run: _Run, ckpt_cfg: dict[str, Any], start: int,
@@ -638,7 +665,17 @@ def _evaluate_exits(model: MultiExitNet, data: _Data, device: torch.device, dtyp
 
 
 def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: list[dict], epochs_done: int) -> None:
-    """Write the checkpoint and the state a resume continues from."""
+    """Write the checkpoint and the state a resume continues from; refused (the last good checkpoint kept) when a
+    weight or a figure of this epoch is not finite."""
+    bad = next((k for k, v in parts.model.state_dict().items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    row = history[-1] if history else {}
+    figures = [v for v in row.values() for v in (v if isinstance(v, list) else [v]) if isinstance(v, float)]
+    if bad is not None or not all(math.isfinite(v) for v in figures):
+        what = f"weight {bad}" if bad is not None else "per-epoch figure (loss or cal accuracy)"
+        kept = f"epoch {epochs_done - 1} in {run.out} is kept" if epochs_done > 1 else "no checkpoint was written"
+        raise EelabError(f"training produced a non-finite {what} at epoch {epochs_done}; the last good checkpoint "
+                         f"({kept}); lower --lr or use --precision fp32")
     state = {"epoch": epochs_done,
              "model": {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()},
              "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict(),

@@ -4,11 +4,14 @@ A control's callback only looks a row up in a sweep.PolicyGrid (every point fitt
 on test once) and writes it into FigureWidget traces inside `fig.batch_update()`: no policy is fitted and no
 network runs on a move. Each panel builds its figures in their initial state before wiring the controls
 (a view created later shows that state). `paper_figures()` redraws a panel's current state with
-eelab.plots for export; ExportControl writes them.
+eelab.plots for export; ExportControl writes them with a manifest (paper_provenance() says which records and
+policies a panel shows). Every policy trace takes its family's look from plots.plotly_style, the look the
+matplotlib exports take from plots.policy_style, so a family has one colour in every panel and figure.
 """
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -21,13 +24,19 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 
 from . import plots
+from .figcheck import figure_problems
+from .files import save_json
+from .tables import export_table
 from .errors import EelabError
 from .policies import Policy, show_value
 from .sweep import PolicyGrid, fit_points, precompute_grid
-from .workbench import class_exits, cost_range, frontier_areas, oracle_points, risk_table
+from .workbench import (class_exits, cost_range, export_manifest, frontier_areas, grid_identity, oracle_points,
+                        record_identity, risk_table)
 
-_COLORS = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133",
-           "#56b4e9")  # seaborn's colorblind palette, as the paper figures use
+# Training curves are one per exit, not per policy: a sequential palette (exit 0 light to the last exit dark).
+_EXIT_COLORS = ("#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+_WIDE = {"description_width": "initial"}  # a control's label shown in full, never cut to "cost_wei..."
+_FIT = widgets.Layout(width="auto")  # a button as wide as its text ("export to figures/", not "export to figur...")
 _TABLE_STYLE = "border-spacing: 14px 2px; text-align: right"  # readout tables: room between the columns
 _AXIS_TITLE = {"rel_macs": "mean MACs / plain network's MACs",
                "rel_ms": "mean latency / plain network's latency (measured, batch 1)"}
@@ -44,6 +53,8 @@ class PolicySliderPanel(widgets.VBox):
     "save policy" button writing each grid's selected (fitted) policy as NAME.pt, the file `eelab predict`
     and `eelab bench` take with --policy.
     """
+
+    export_label = "sliders"  # ExportControl prefixes a clashing file name with it
 
     def __init__(self, grids: PolicyGrid | Sequence[PolicyGrid], static: PolicyGrid | None = None,
                  oracle: bool = True, x: str = "rel_macs", classes: bool = False, title: str | None = None,
@@ -63,6 +74,7 @@ class PolicySliderPanel(widgets.VBox):
             name: {param: _slider(param, grid.values(param), _initial_value(grid, param)) for param in grid.params}
             for name, grid in self.grids.items()}
         self.selection = {name: self._lookup(name) for name in self.grids}
+        self.styles = _family_styles(self.grids)
         # figures in their initial state first, then the wiring
         self.frontier = self._frontier_figure()
         self.exit_figure = self._exit_figure()
@@ -72,11 +84,14 @@ class PolicySliderPanel(widgets.VBox):
             for slider in sliders.values():
                 slider.observe(lambda change, name=name: self._on_slide(name), names="value")
         controls = [widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []
-        controls += [widgets.HBox([widgets.Label(name, layout=widgets.Layout(width="90px")), *sliders.values()])
+        # a grid's name labels its row unless its one slider already says it ("alpha", not "alpha  alpha")
+        controls += [widgets.HBox(([] if list(sliders) == [name] else
+                                   [widgets.Label(name, layout=widgets.Layout(width="auto", min_width="90px"))])
+                                  + list(sliders.values()))
                      for name, sliders in self.sliders.items() if sliders]
         self.save_to = None if save_to is None else Path(save_to)
         if self.save_to is not None:
-            self.save_button = widgets.Button(description="save policy", icon="save",
+            self.save_button = widgets.Button(description="save policy", icon="save", layout=_FIT,
                                               tooltip=f"write the selected policies into {self.save_to}/")
             self.saved = widgets.HTML()
             self.save_button.on_click(lambda button: self._on_save())
@@ -132,6 +147,11 @@ class PolicySliderPanel(widgets.VBox):
         rows = [grid.table.loc[self.selection[name]].rename(name) for name, grid in self.grids.items()]
         return {"operating_points": pd.DataFrame(rows).rename_axis("grid").reset_index()}
 
+    def paper_provenance(self) -> dict[str, list]:
+        """What an export's manifest says of this panel: its records, and each grid with the selected policy."""
+        policies = [{**grid_identity(grid, self.selection[name]), "grid": name} for name, grid in self.grids.items()]
+        return {"records": _grid_records(self.grids.values()), "policies": policies}
+
     # ---- wiring ---------------------------------------------------------------------------------
     def _lookup(self, name: str) -> int:
         return self.grids[name].find(**{param: s.value for param, s in self.sliders[name].items()})
@@ -160,23 +180,20 @@ class PolicySliderPanel(widgets.VBox):
     def _frontier_figure(self) -> go.FigureWidget:
         traces = []
         if self.oracle is not None:
-            traces.append(go.Scatter(x=self.oracle[self.x].tolist(),
-                                     y=self.oracle["accuracy"].tolist(), name="oracle frontier", mode="lines",
-                                     line={"dash": "dash", "color": "#777777", "shape": "hv"}, hoverinfo="skip"))
+            traces.append(_oracle_trace(self.oracle[self.x].tolist(), self.oracle["accuracy"].tolist()))
         if self.static is not None:
             traces.append(_static_trace(self.static, self.x))
-        for j, (name, grid) in enumerate(self.grids.items()):
-            rows = grid.table.sort_values(self.x, kind="stable")
-            color = _COLORS[j % len(_COLORS)]
+        for name, grid in self.grids.items():
+            rows, style = grid.table.sort_values(self.x, kind="stable"), self.styles[name]
             traces.append(go.Scatter(x=rows[self.x].tolist(), y=rows["accuracy"].tolist(), name=name,
                                      mode="lines+markers", text=rows["label"].tolist(), opacity=0.55,
-                                     line={"color": color}, marker={"size": 4},
+                                     line=style["line"], marker={**style["marker"], "size": 5},
                                      hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
-        for j, (name, grid) in enumerate(self.grids.items()):
+        for name, grid in self.grids.items():
             row = grid.table.loc[self.selection[name]]
             traces.append(go.Scatter(x=[float(row[self.x])], y=[float(row["accuracy"])], name=f"{name} (selected)",
                                      mode="markers", text=[row["label"]], showlegend=False,
-                                     marker={"size": 14, "color": _COLORS[j % len(_COLORS)],
+                                     marker={**self.styles[name]["marker"], "size": 14,
                                              "line": {"width": 1.5, "color": "black"}},
                                      hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
         return _figure(traces, x_title=_AXIS_TITLE.get(self.x, self.x), y_title="test accuracy",
@@ -184,10 +201,10 @@ class PolicySliderPanel(widgets.VBox):
 
     def _exit_figure(self) -> go.FigureWidget:
         traces = []
-        for j, (name, grid) in enumerate(self.grids.items()):
+        for name, grid in self.grids.items():
             point = grid.points[self.selection[name]]
             traces.append(go.Bar(x=list(range(point["k"])), y=list(point["exit_fractions"]), name=name,
-                                 marker={"color": _COLORS[j % len(_COLORS)]}))
+                                 marker={"color": self.styles[name]["marker"]["color"]}))
         fig = _figure(traces, x_title="exit", y_title="fraction of test samples", meta="eelab:exits", width=380)
         fig.update_layout(barmode="group", xaxis={"dtick": 1, "tickformat": "d"}, yaxis={"range": [0, 1]})
         return fig
@@ -225,6 +242,8 @@ class RiskControlPanel(PolicySliderPanel):
     grid: precompute_grid("risk", cal, test, {"epsilon": [...], "delta": [...]}) (a product grid).
     """
 
+    export_label = "risk"
+
     def __init__(self, grid: PolicyGrid, static: PolicyGrid | None = None, oracle: bool = True,
                  x: str = "rel_macs", title: str | None = None):
         self.risk = risk_table(grid)
@@ -253,13 +272,14 @@ class RiskControlPanel(PolicySliderPanel):
     def _risk_figure(self) -> go.FigureWidget:
         i, rows = self.selected(), self._same_delta()
         top = float(self.risk["epsilon"].max())
+        style = self.styles[next(iter(self.grids))]
         traces = [go.Scatter(x=[0, top], y=[0, top], mode="lines", name="risk = epsilon",
                              line={"dash": "dash", "color": "#777777"}, hoverinfo="skip"),
                   go.Scatter(x=rows["epsilon"].tolist(), y=rows["test_risk"].tolist(), mode="lines+markers",
-                             name="test risk", line={"color": _COLORS[0]}, marker={"size": 5}),
+                             name="test risk", line=style["line"], marker={**style["marker"], "size": 6}),
                   go.Scatter(x=[float(self.risk.at[i, "epsilon"])], y=[float(self.risk.at[i, "test_risk"])],
                              mode="markers", name="selected", showlegend=False,
-                             marker={"size": 14, "color": _COLORS[0], "line": {"width": 1.5, "color": "black"}})]
+                             marker={**style["marker"], "size": 14, "line": {"width": 1.5, "color": "black"}})]
         return _figure(traces, x_title="epsilon (tolerated accuracy loss vs. last exit)",
                        y_title="realised risk on test", meta="eelab:risk", width=420)
 
@@ -285,6 +305,8 @@ class ComparePoliciesPanel(widgets.VBox):
     is offered when every grid has rel_ms (precompute_grid(..., latency=latency_record(test, profile))).
     """
 
+    export_label = "compare"
+
     def __init__(self, grids: Mapping[str, PolicyGrid], oracle: bool = True, title: str | None = None):
         if not grids:
             raise EelabError("the compare panel needs at least one policy grid")
@@ -293,7 +315,9 @@ class ComparePoliciesPanel(widgets.VBox):
         units = [("MACs", "rel_macs")]
         if all(g.latency is not None for g in self.grids.values()):
             units.append(("measured latency", "rel_ms"))
-        self.cost = widgets.ToggleButtons(options=units, value="rel_macs", description="cost axis")
+        self.cost = widgets.ToggleButtons(options=units, value="rel_macs", description="cost axis",
+                                          style={**_WIDE, "button_width": "auto"})
+        self.styles = _family_styles(self.grids)
         # both axes' fronts, oracle frontiers and areas are computed once, here
         self.fronts = {x: {name: grid.front(x=x) for name, grid in self.grids.items()} for _, x in units}
         self.oracles = {x: oracle_points(first, x) for _, x in units} if oracle else {}
@@ -305,12 +329,20 @@ class ComparePoliciesPanel(widgets.VBox):
         super().__init__([*head, self.cost, self.figure, self.summary])
 
     def paper_figures(self) -> dict[str, Figure]:
-        """Frontiers on the current cost axis (eelab.plots), for export."""
-        x = self.cost.value
-        fronts = {n: f for n, f in self.fronts[x].items() if n not in ("static", "oracle")}
+        """Frontiers on every cost axis the panel offers, whatever the toggle shows (eelab.plots), for export:
+        frontiers (MACs) and frontiers_latency (measured latency, when the grids have it)."""
         static = self.grids["static"].table if "static" in self.grids else None
-        name = "frontiers" if x == "rel_macs" else "frontiers_latency"
-        return {name: plots.plot_frontiers(fronts, oracle=self.oracles.get(x), static=static, x=x)}
+        figures = {}
+        for x, fronts in self.fronts.items():
+            fronts = {n: f for n, f in fronts.items() if n not in ("static", "oracle")}
+            name = "frontiers" if x == "rel_macs" else "frontiers_latency"
+            figures[name] = plots.plot_frontiers(fronts, oracle=self.oracles.get(x), static=static, x=x)
+        return figures
+
+    def paper_provenance(self) -> dict[str, list]:
+        """What an export's manifest says of this panel: its records and every grid's parameters."""
+        return {"records": _grid_records(self.grids.values()),
+                "policies": [{**grid_identity(grid), "grid": name} for name, grid in self.grids.items()]}
 
     def paper_tables(self) -> dict[str, pd.DataFrame]:
         """Area under each frontier on each cost axis."""
@@ -347,21 +379,20 @@ class ComparePoliciesPanel(widgets.VBox):
     def _figure(self, x: str) -> go.FigureWidget:
         data, traces = self._trace_data(x), []
         if "oracle frontier" in data:
-            traces.append(go.Scatter(**data["oracle frontier"], name="oracle frontier", mode="lines",
-                                     line={"dash": "dash", "color": "#777777", "shape": "hv"}, hoverinfo="skip"))
-        for j, name in enumerate(n for n in self.grids if n not in ("static", "oracle")):
-            color = _COLORS[j % len(_COLORS)]
+            traces.append(_oracle_trace(**data["oracle frontier"]))
+        for name in (n for n in self.grids if n not in ("static", "oracle")):
+            style = self.styles[name]
             traces.append(go.Scatter(**data[f"{name} (all points)"], name=f"{name} (all points)", mode="markers",
-                                     marker={"size": 4, "color": color}, opacity=0.3, showlegend=False,
+                                     marker={**style["marker"], "size": 4}, opacity=0.3, showlegend=False,
                                      hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
-            traces.append(go.Scatter(**data[name], name=name, mode="lines+markers", line={"color": color},
-                                     marker={"size": 5},
+            traces.append(go.Scatter(**data[name], name=name, mode="lines+markers", line=style["line"],
+                                     marker={**style["marker"], "size": 6},
                                      hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>"))
         if "static" in self.grids:
             traces.append(_static_trace(self.grids["static"], x, name="static"))
         if "oracle" in self.grids:
             traces.append(go.Scatter(**data["oracle"], name="oracle", mode="markers",
-                                     marker={"symbol": "star", "size": 12, "color": "#777777"}))
+                                     marker={**plots.plotly_style("oracle")["marker"], "size": 12}))
         return _figure(traces, x_title=_AXIS_TITLE[x], y_title="test accuracy", meta="eelab:compare", width=760,
                        height=460)
 
@@ -369,12 +400,13 @@ class ComparePoliciesPanel(widgets.VBox):
         x = self.cost.value
         lo, hi = cost_range(next(iter(self.grids.values())), x)
         areas = self.areas[x]
-        cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{area:.4f}</td></tr>" for name, area in areas.items()
+        # an area is the mean accuracy over the cost range: a percentage, as the exported table prints it
+        cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{area:.2%}</td></tr>" for name, area in areas.items()
                         if name != "oracle frontier")
-        bound = (f"<tr><td>oracle frontier (bound)</td><td>{areas['oracle frontier']:.4f}</td></tr>"
+        bound = (f"<tr><td>oracle frontier (bound)</td><td>{areas['oracle frontier']:.2%}</td></tr>"
                  if "oracle frontier" in areas else "")
         return (f"<table class='eelab-readout' style='{_TABLE_STYLE}'><tr><th>policy</th>"
-                f"<th>area under frontier over [{lo:.2f}, {hi:.2f}]"
+                f"<th>area under frontier over cost {lo:.0%} to {hi:.0%} (mean test accuracy)"
                 f"</th></tr>{cells}{bound}</table>")
 
 
@@ -405,16 +437,18 @@ class TrainingPanel(widgets.VBox):
             config = TrainConfig.from_dict(saved["train"]) if saved else TrainConfig()
         self.config = config
         self.model = widgets.Dropdown(options=sorted(set(FACTORIES) | {config.model.name}), value=config.model.name,
-                                      description="model")
+                                      description="model", style=_WIDE)
         self.dataset = widgets.Combobox(options=[d for d in DATASETS if d != "folder:PATH"], value=config.dataset,
-                                        description="dataset", ensure_option=False,
+                                        description="dataset", ensure_option=False, style=_WIDE,
                                         placeholder="cifar10-jpeg, cifar10, folder:PATH, ...")
-        self.epochs = widgets.IntSlider(value=config.epochs, min=1, max=max(100, config.epochs), description="epochs")
-        self.train_samples = widgets.IntText(value=config.train_samples or 0, description="train images",
-                                             tooltip="0: the whole train split (minus cal)")
-        self.name = widgets.Text(value=self._default_name(), description="run name")
-        self.button = widgets.Button(description="train into runs/NAME", button_style="primary", icon="play")
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
+        self.epochs = widgets.IntSlider(value=config.epochs, min=1, max=max(100, config.epochs), description="epochs",
+                                        style=_WIDE)
+        self.train_samples = widgets.IntText(value=config.train_samples or 0, description="train images (0: all)",
+                                             tooltip="0: the whole train split (minus cal)", style=_WIDE)
+        self.name = widgets.Text(value=self._default_name(), description="run name", style=_WIDE)
+        self.button = widgets.Button(description=f"train into {self.runs.name}/NAME", button_style="primary",
+                                     icon="play", layout=_FIT)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress", style=_WIDE)
         self.status = widgets.HTML(shown)
         self.curves = self._curves(history)
         for control in (self.model, self.dataset, self.epochs):
@@ -477,7 +511,7 @@ class TrainingPanel(widgets.VBox):
             while len(self.curves.data) < k:
                 j = len(self.curves.data)
                 self.curves.add_scatter(x=[], y=[], mode="lines+markers", name=f"exit {j}",
-                                        line={"color": _COLORS[j % len(_COLORS)]})
+                                        line={"color": _exit_color(j, k)})
             for j in range(k):
                 self.curves.data[j].x, self.curves.data[j].y = epochs, [a[j] for a in accs]
         self.progress.value = len(self._history)
@@ -487,7 +521,7 @@ class TrainingPanel(widgets.VBox):
     def _curves(self, history: list[dict]) -> go.FigureWidget:
         k = max((len(r.get("cal_acc", [])) for r in history), default=0)
         traces = [go.Scatter(x=[r["epoch"] for r in history], y=[r["cal_acc"][j] for r in history],
-                             mode="lines+markers", name=f"exit {j}", line={"color": _COLORS[j % len(_COLORS)]})
+                             mode="lines+markers", name=f"exit {j}", line={"color": _exit_color(j, k)})
                   for j in range(k)]
         fig = _figure(traces, x_title="epoch", y_title="cal accuracy (watched, never selected on)",
                       meta="eelab:training", width=620)
@@ -500,15 +534,18 @@ class TrainingPanel(widgets.VBox):
 
 
 class DQNTrainingPanel(widgets.VBox):
-    """Trains one DQN exit agent per cost weight lambda on the cal record, with live plots: the greedy agent's
-    mean reward on cal as the updates go (one curve per lambda) and where the agent in training leaves.
+    """Trains one DQN exit agent per cost_weight on the cal record, with live plots: the greedy agent's
+    mean reward on cal as the updates go (one curve per cost_weight, each in the dqn family's colour, a line
+    style per agent) and where the agent in training leaves.
 
     train() (or the button) returns the agents' PolicyGrid (fitted on cal, scored on test; also kept as
-    .grid) for a PolicySliderPanel, whose lambda slider then picks the agent. cost_weights: default
+    .grid) for a PolicySliderPanel, whose cost_weight slider then picks the agent. cost_weights: default
     DQNPolicy.grid's nine; params: other DQNPolicy parameters (steps, hidden, seed, ...); cache: the folder
     sweep.fit_points(..., cache=) uses, so an agent trained here is found again there (notebook 04)
     and here, its stored trace drawn at once instead of training again; every: updates between reports.
     """
+
+    export_label = "dqn"
 
     def __init__(self, cal: Any, test: Any, cost_weights: Sequence[float] | None = None,
                  params: Mapping[str, Any] | None = None, cache: str | Path | None = None, every: int = 25,
@@ -525,16 +562,18 @@ class DQNTrainingPanel(widgets.VBox):
         DQNPolicy(cost_weight=self.cost_weights[0], **self.params)  # bad parameters fail here, in one line
         self.traces: dict[str, list[dict]] = {}
         self.grid: PolicyGrid | None = None
-        self.progress = widgets.IntProgress(value=0, min=0, max=len(self.cost_weights), description="agents")
-        self.status = widgets.HTML(f"{len(self.cost_weights)} agents to train (lambda = "
+        self.progress = widgets.IntProgress(value=0, min=0, max=len(self.cost_weights), description="agents",
+                                            style=_WIDE)
+        self.status = widgets.HTML(f"{len(self.cost_weights)} agents to train (cost_weight = "
                                    + ", ".join(f"{w:g}" for w in self.cost_weights) + ")")
-        self.button = widgets.Button(description="train agents", button_style="primary", icon="play")
+        self.button = widgets.Button(description="train agents", button_style="primary", icon="play", layout=_FIT)
         self.button.on_click(lambda button: self._on_click())
         self.reward_figure = _figure([], x_title="gradient update", y_title="greedy mean reward on cal",
                                      meta="eelab:dqn-reward", width=520)
         self.reward_figure.update_layout(xaxis={"tickformat": "d"}, yaxis={"tickformat": ".2f"})
         self.exit_figure = _figure([go.Bar(x=[f"exit {k}" for k in range(cal.k)], y=[0.0] * cal.k,
-                                           name="agent in training", marker={"color": _COLORS[0]})],
+                                           name="agent in training",
+                                           marker={"color": plots.plotly_style("dqn")["marker"]["color"]})],
                                    x_title="exit", y_title="share of cal samples leaving here",
                                    meta="eelab:dqn-exits", width=420)
         self.exit_figure.update_layout(xaxis={"tickformat": ""})
@@ -562,16 +601,26 @@ class DQNTrainingPanel(widgets.VBox):
             self.progress.value += 1
 
         points = [{"cost_weight": w, **self.params} for w in self.cost_weights]
-        policies = fit_points(DQNPolicy, points, self.cal, cache=self.cache, fit=fit, found=found)
+        policies = fit_points(DQNPolicy, points, self.cal, cache=self.cache, fit=fit, found=found,
+                              progress=False)  # the panel's own bar and curves show it
         self.status.value = "scoring the agents on test ..."
         self.grid = precompute_grid(policies, self.cal, self.test, grid=[{"cost_weight": w} for w in self.cost_weights],
-                                    name="dqn", latency=self.latency)
+                                    name="dqn", latency=self.latency, progress=False)
         self.status.value = (f"{len(policies)} agents ready: fitted on cal, scored on test; pick one with the "
-                             f"lambda slider below")
+                             f"cost_weight slider below")
         return self.grid
 
     def paper_figures(self) -> dict[str, Figure]:
         return {"dqn_training": plots.plot_dqn_training(self.traces)}
+
+    def paper_provenance(self) -> dict[str, list]:
+        """What an export's manifest says of this panel: the records and every agent's parameters."""
+        entry: dict[str, Any] = {"grid": "dqn", "family": "dqn", "points": len(self.cost_weights),
+                                 "parameters": {"cost_weight": list(self.cost_weights)}, "agent": dict(self.params)}
+        if self.grid is not None:
+            entry = {**grid_identity(self.grid), "agent": dict(self.params),
+                     "agents": [{"params": dict(p.params), "fitted": dict(p.summary())} for p in self.grid.policies]}
+        return {"records": [r for r in (self.cal, self.test, self.latency) if r is not None], "policies": [entry]}
 
     def _on_click(self) -> None:
         self.button.disabled = True
@@ -593,46 +642,123 @@ class DQNTrainingPanel(widgets.VBox):
                 curve = _trace(self.reward_figure, label)
             except KeyError:
                 self.reward_figure.add_scatter(x=[], y=[], mode="lines", name=label,
-                                               line={"color": _COLORS[i % len(_COLORS)]})
+                                               line=plots.plotly_style("dqn", member=i)["line"])
                 curve = self.reward_figure.data[-1]
             curve.x, curve.y = [r["step"] for r in rows], [r["greedy_reward"] for r in rows]
+        # title and bars from this one report; inside batch_update a trace reads back its old values, so the
+        # title is never read from the trace (it lagged one report: "update 575" over the data of 600)
+        title = f"agent {label} at update {row['step']}"
         with self.exit_figure.batch_update():
             bars = self.exit_figure.data[0]
             bars.y = list(row["exit_fractions"])
-            bars.name = f"agent {label} at update {row['step']}"
-            bars.marker.color = _COLORS[i % len(_COLORS)]
-            self.exit_figure.layout.title = {"text": bars.name, "font": {"size": 12}}
+            bars.name = title
+            bars.marker.color = plots.plotly_style("dqn", member=i)["marker"]["color"]
+            self.exit_figure.layout.title = {"text": title, "font": {"size": 12}}
 
 
 class ExportControl(widgets.VBox):
-    """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder.
+    """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder,
+    with a manifest beside them ({prefix}manifest.json) so a figure can be traced and remade (and, per figure,
+    what figcheck.figure_problems finds wrong with it, also shown below the button).
 
-    sources: panels (their paper_figures() and paper_tables(), drawn at click time, so the export shows the
-    sliders' current state) or dicts {name: matplotlib Figure | DataFrame}; prefix starts every file name.
+    sources: panels (their paper_figures() and paper_tables(), drawn at export time, so the export shows the
+    sliders' current state; paper_provenance() for the manifest) or dicts {name: matplotlib Figure |
+    DataFrame}; prefix starts every file name. records: exit records the dict sources come from (the panels
+    name theirs); checkpoint: the directory they were loaded from, so the manifest gives their file paths.
+    No export writes a file twice: a name two sources give is prefixed with the panel's export_label (the risk
+    panel's operating_points become risk_operating_points); a clash that leaves is refused before anything
+    is written. export() and the button run the same code.
     """
 
-    def __init__(self, *sources: Any, folder: str | Path = "figures", prefix: str = ""):
+    def __init__(self, *sources: Any, folder: str | Path = "figures", prefix: str = "",
+                 records: Sequence[Any] = (), checkpoint: str | Path | None = None):
         self.sources, self.folder, self.prefix = sources, Path(folder), prefix
-        self.button = widgets.Button(description=f"export to {self.folder.name}/", icon="download")
+        self.records, self.checkpoint = list(records), None if checkpoint is None else Path(checkpoint)
+        self.button = widgets.Button(description=f"export to {self.folder.name}/", icon="download", layout=_FIT,
+                                     tooltip=f"write figures, tables and {prefix}manifest.json into {self.folder}/")
         self.output = widgets.HTML()
         self.button.on_click(lambda button: self._on_click())
         super().__init__([self.button, self.output])
 
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / f"{self.prefix}manifest.json"
+
     def export(self) -> list[Path]:
-        """Write every source's figures and tables; returns the files written."""
+        """Write every source's figures and tables, then the manifest; returns the files written, the manifest
+        last (each once: len(returned) files are on disk, the manifest lists all the others with sha256)."""
+        plan = self._plan()
         written: list[Path] = []
-        for figures, tables in (_exports(source) for source in self.sources):
-            for name, fig in figures.items():
-                written += plots.export_figure(fig, self.prefix + name, self.folder)
-            for name, table in tables.items():
-                written += plots.export_table(table, self.prefix + name, self.folder)
+        # what a reviewer would reject, per figure: written anyway (the user's data may trip the checker), but
+        # said below the button and kept in the manifest
+        problems = {self.prefix + name: figure_problems(item) for name, item in plan if isinstance(item, Figure)}
+        for name, item in plan:
+            written += (plots.export_figure(item, self.prefix + name, self.folder, check=False)
+                        if isinstance(item, Figure) else export_table(item, self.prefix + name, self.folder))
+        if len(set(written)) != len(written):  # _plan made the names distinct; a writer adding files must not undo it
+            raise EelabError(f"export wrote a file twice: {sorted(p.name for p in written if written.count(p) > 1)}")
+        records, policies = self._provenance()
+        manifest = export_manifest(written, records=records, policies=policies)
+        manifest.update(prefix=self.prefix, folder=str(self.folder.resolve()), figure_problems=problems)
+        save_json(_jsonable(manifest), self.manifest_path)
+        written.append(self.manifest_path)
+        faulty = {name: found for name, found in problems.items() if found}
+        self.output.value = f"wrote {len(written)} files: " + ", ".join(html.escape(p.name) for p in written) + \
+            "".join(f"<br><span style='color:#b00'>check {html.escape(name)}: {html.escape(found[0])}"
+                    f"{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}</span>"
+                    for name, found in faulty.items())
         return written
+
+    def _plan(self) -> list[tuple[str, Any]]:
+        """(file name without prefix and extension, figure or table) pairs, no file twice, built before any
+        write (a figure and a table may share a name: name.pdf/.svg/.png and name.csv/.tex differ)."""
+        entries = []  # (label of the source or None, name, figure or table)
+        for source in self.sources:
+            figures, tables = _exports(source)
+            label = getattr(source, "export_label", None)
+            entries += [(label, name, item) for name, item in (*figures.items(), *tables.items())]
+
+        def targets(names: list[str]) -> list[set[str]]:
+            return [{f"{n}.{ext}" for ext in (("pdf", "svg", "png") if isinstance(e[2], Figure) else ("csv", "tex"))}
+                    for n, e in zip(names, entries)]
+
+        def clashes(names: list[str]) -> set[int]:
+            files = targets(names)
+            return {i for i in range(len(names)) for j in range(len(names)) if i != j and files[i] & files[j]}
+
+        names = [name for _, name, _ in entries]
+        names = [f"{entries[i][0]}_{n}" if i in clashes(names) and entries[i][0] else n for i, n in enumerate(names)]
+        left = clashes(names)
+        if left:
+            raise EelabError("export refused, nothing written: two sources give the file name(s) "
+                             + ", ".join(sorted({self.prefix + names[i] for i in left}))
+                             + "; rename one (a dict's keys are its file names)")
+        return [(n, e[2]) for n, e in zip(names, entries)]
+
+    def _provenance(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(records, policies) for the manifest: the panels' and the given records, each record once."""
+        records, policies = list(self.records), []
+        for source in self.sources:
+            if hasattr(source, "paper_provenance"):
+                shown = source.paper_provenance()
+                records += shown["records"]
+                label = getattr(source, "export_label", type(source).__name__)
+                policies += [{"source": label, **entry} for entry in shown["policies"]]
+        unique = list({id(r): r for r in records}.values())
+        return [record_identity(r, self._record_path(r)) for r in unique], policies
+
+    def _record_path(self, record: Any) -> Path | None:
+        """checkpoint/SPLIT.pt when that file is there and holds the record's checkpoint."""
+        split = record.meta.get("split")
+        if self.checkpoint is None or split not in ("cal", "test"):
+            return None
+        path = self.checkpoint / f"{split}.pt"
+        return path.resolve() if path.is_file() else None
 
     def _on_click(self) -> None:
         self.button.disabled = True
         try:
-            written = self.export()
-            self.output.value = f"wrote {len(written)} files: " + ", ".join(html.escape(p.name) for p in written)
+            self.export()
         except (EelabError, OSError) as e:
             self.output.value = f"<span style='color:#b00'>export failed: {html.escape(str(e))}</span>"
         finally:
@@ -652,10 +778,9 @@ def _exports(source: Any) -> tuple[dict[str, Figure], dict[str, pd.DataFrame]]:
 
 
 def _slider(param: str, values: list[Any], value: Any) -> widgets.SelectionSlider:
-    """A slider over a grid parameter's values, labelled compactly."""
+    """A slider over a grid parameter's values, its name shown in full."""
     return widgets.SelectionSlider(options=[(show_value(v), v) for v in values], value=value, description=param,
-                                   continuous_update=True, layout=widgets.Layout(width="460px"),
-                                   style={"description_width": "70px"})
+                                   continuous_update=True, layout=widgets.Layout(width="440px"), style=_WIDE)
 
 
 def _initial_value(grid: PolicyGrid, param: str) -> Any:
@@ -676,7 +801,48 @@ def _file_name(name: str) -> str:
 
 
 def _agent_label(cost_weight: float) -> str:
-    return f"lambda={cost_weight:g}"
+    """An agent's name in legends: its family first, so plots.policy_style gives it dqn's colour."""
+    return f"dqn cost_weight={cost_weight:g}"
+
+
+def _family_styles(grids: Mapping[str, PolicyGrid]) -> dict[str, dict[str, Any]]:
+    """{grid name: plots.plotly_style}: each grid in its family's look; a second grid of one family (e.g. two
+    alpha seeds) keeps the colour with the next member's line style and marker."""
+    seen: dict[str, int] = {}
+    styles = {}
+    for name in grids:
+        family = plots.policy_family(name)
+        styles[name] = plots.plotly_style(name, member=seen.get(family, 0))
+        seen[family] = seen.get(family, 0) + 1
+    return styles
+
+
+def _grid_records(grids: Any) -> list[Any]:
+    """The cal, test and latency records of some grids, each once."""
+    records = [r for g in grids for r in (g.cal, g.test, g.latency) if r is not None]
+    return list({id(r): r for r in records}.values())
+
+
+def _exit_color(j: int, k: int) -> str:
+    """Exit j of k on the sequential palette, the last exit darkest."""
+    n = len(_EXIT_COLORS)
+    return _EXIT_COLORS[min(n - 1, round(j * (n - 1) / max(k - 1, 1)))]
+
+
+def _jsonable(value: Any) -> Any:
+    """value with tuples as lists, non-finite floats as None and other objects (tensors, paths) as plain
+    values or text, so the manifest is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
 
 
 def _trace(fig: go.FigureWidget, name: str) -> Any:
@@ -688,10 +854,21 @@ def _trace(fig: go.FigureWidget, name: str) -> Any:
 
 
 def _static_trace(grid: PolicyGrid, x: str, name: str = "static exits") -> go.Scatter:
-    return go.Scatter(x=grid.table[x].tolist(), y=grid.table["accuracy"].tolist(), name=name,
-                      mode="markers+text", text=[f"exit {int(e)}" for e in grid.table["exit"]],
-                      textposition="bottom right", marker={"symbol": "square", "size": 8, "color": "black"},
+    """The static exits as labelled squares; the costliest one's label sits to its left, inside the plot (to
+    its right, "exit 3" was cut at the figure's edge)."""
+    xs = grid.table[x].tolist()
+    right = max(xs, default=0.0)
+    return go.Scatter(x=xs, y=grid.table["accuracy"].tolist(), name=name, mode="markers+text",
+                      text=[f"exit {int(e)}" for e in grid.table["exit"]], cliponaxis=False,
+                      textposition=["bottom left" if v >= right else "bottom right" for v in xs],
+                      marker={**plots.plotly_style("static")["marker"], "size": 8},
                       hovertemplate="%{text}<br>acc %{y:.2%}, cost %{x:.1%}<extra></extra>")
+
+
+def _oracle_trace(x: list, y: list) -> go.Scatter:
+    """The oracle frontier (a bound: it reads the labels), in the oracle family's look."""
+    return go.Scatter(x=x, y=y, name="oracle frontier", mode="lines", hoverinfo="skip",
+                      line={**plots.plotly_style("oracle")["line"], "shape": "hv"})
 
 
 def _figure(traces: list, x_title: str, y_title: str, meta: str, width: int, height: int = 360) -> go.FigureWidget:

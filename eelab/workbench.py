@@ -7,19 +7,25 @@ controls.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .errors import EelabError
 from .metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier
 from .policies import score_logits
 from .records import ExitRecord
 from .sweep import HEADLINE, PolicyGrid
+from .__version__ import __version__
 
 # What the published systems report on the original CIFAR-10 (not cifar10-jpeg): theirs, quoted, not re-run.
 PUBLISHED = {
@@ -301,6 +307,55 @@ def split_table(profile: Mapping[str, Any], record: ExitRecord, exits: torch.Ten
     return pd.DataFrame(rows)
 
 
+def with_progress(desc: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) under a one-step tqdm.auto bar saying desc (shown once the call has taken half a
+    second), for a slow call that has no bar of its own, e.g. loading records or profiling a checkpoint."""
+    with tqdm(total=1, desc=desc, leave=False, delay=0.5) as bar:
+        result = fn(*args, **kwargs)
+        bar.update(1)
+    return result
+
+
+def record_identity(record: ExitRecord, path: str | Path | None = None) -> dict[str, Any]:
+    """What identifies an exit record in a manifest: split, N, K, C, model, dataset, checkpoint sha256, cost
+    unit, a sha256 of its sample indices (which subset it is) and its file path when known."""
+    meta = record.meta
+    return {"split": meta.get("split"), "n": record.n, "k": record.k, "c": record.c, "model": meta.get("model"),
+            "dataset": meta.get("dataset"), "checkpoint_sha256": meta.get("checkpoint_sha256"),
+            "cost_unit": meta.get("cost_unit", "MACs"), "eelab_version": meta.get("eelab_version"),
+            "indices_sha256": hashlib.sha256(record.indices.numpy().tobytes()).hexdigest(),
+            "path": None if path is None else str(path)}
+
+
+def grid_identity(grid: PolicyGrid, selected: int | None = None) -> dict[str, Any]:
+    """A PolicyGrid in a manifest: its family, number of points, every grid parameter's values, and (when
+    selected) that row's policy with its parameters and fitted scalars."""
+    params = list(grid.table.attrs.get("params", []))
+    entry: dict[str, Any] = {"grid": grid.name, "family": grid.policies[0].name if grid.policies else None,
+                             "points": len(grid), "parameters": {p: grid.values(p) for p in params}}
+    if selected is not None:
+        policy = grid.policies[selected]
+        entry["selected"] = {"row": int(selected), "label": str(grid.table.at[selected, "label"]),
+                             "params": dict(policy.params), "fitted": dict(policy.summary())}
+    return entry
+
+
+def export_manifest(files: Sequence[str | Path], records: Sequence[Mapping[str, Any]] = (),
+                    policies: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The manifest written beside exported figures, so a figure can be traced and remade: eelab version, git
+    commit of eelab's working tree (None outside a git checkout; dirty when it has uncommitted changes), date
+    (UTC ISO), the checkpoint sha256(s) of the records, the records (record_identity), the policies
+    (grid_identity) and every file (name, absolute path) with its sha256."""
+    shas = sorted({r["checkpoint_sha256"] for r in records if r.get("checkpoint_sha256")})
+    commit, dirty = _git_state(Path(__file__).resolve().parent)
+    return {"eelab_version": __version__, "git_commit": commit, "git_dirty": dirty,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint_sha256": shas[0] if len(shas) == 1 else (shas or None),
+            "records": [dict(r) for r in records], "policies": [dict(p) for p in policies],
+            "files": [{"name": Path(f).name, "path": str(Path(f).resolve()), "sha256": _sha256(Path(f))}
+                      for f in files]}
+
+
 def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
     """The grid's test record priced on cost axis x: in MACs (rel_macs) or measured ms (rel_ms)."""
     if x == "rel_macs":
@@ -311,7 +366,30 @@ def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
     return grid.latency
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files differ from it) of the git checkout holding folder; (None, None)
+    outside one or without git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+        return commit.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
 __all__ = ["Examples", "PUBLISHED", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
-           "find_examples", "frontier_areas", "matched_point", "matched_points", "operating_points",
-           "oracle_points", "reliability_bins", "risk_table", "sensitivity_table", "split_table",
-           "summarize_policies", "target_accuracy"]
+           "export_manifest", "find_examples", "frontier_areas", "grid_identity", "matched_point", "matched_points",
+           "operating_points", "oracle_points", "record_identity", "reliability_bins", "risk_table",
+           "sensitivity_table", "split_table", "summarize_policies", "target_accuracy", "with_progress"]

@@ -29,16 +29,19 @@
 import os
 
 import eelab
-from eelab import plots, widgets, workbench
+from eelab import plots, tables, widgets, workbench
 from eelab.records import load_records
+from eelab.sweep import precompute_grid
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples and examples
 RUNS = "../runs"                   # where the train button writes new runs (git-ignored)
-FIGURES = "../figures"             # where the export button writes figures and tables
+FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
+EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
 LIMIT = 2000 if SMOKE else None    # a seeded random subset of LIMIT samples of each record (None: all)
 EXAMPLE_POLICY = {"threshold": 0.9}  # the max-prob threshold policy the example images are decided with
 N_EXAMPLES = 8 if SMOKE else 24
+THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many points (None: all)
 PUBLISHED = workbench.PUBLISHED["early-exit-cnn"]  # their per-exit accuracies, on the original CIFAR-10
 
 # %% [markdown]
@@ -63,14 +66,28 @@ trainer
 
 # %%
 checkpoint = trainer.checkpoint
-cal, test = load_records(checkpoint, limit=LIMIT)
+cal, test = workbench.with_progress("loading the cal and test records", load_records, checkpoint, limit=LIMIT)
 exits = workbench.exit_table(cal, test)
-exits
+tables.show_table(exits)
 
 # %%
 profile_figure = plots.plot_exit_profile(exits, published=PUBLISHED["exit_accuracy"],
                                          published_label="early-exit-cnn (theirs, CIFAR-10)")
 profile_figure
+
+# %% [markdown]
+# ## A first exit policy: the max-prob threshold
+#
+# A sample leaves at the first exit whose top softmax probability reaches the threshold. Every threshold of
+# the grid is applied to cal and scored on test once, so the slider redraws at once: the point on the
+# accuracy-versus-MACs plot, against the static exits and the oracle frontier (a bound: it reads the labels),
+# and where the test images leave. Notebooks 02-04 put the other policies beside it.
+
+# %%
+threshold = precompute_grid("threshold", cal, test, max_points=THRESHOLD_POINTS)
+first_policy = widgets.PolicySliderPanel([threshold], static=precompute_grid("static", cal, test),
+                                         title="max-prob threshold (applied on cal, test shown)")
+first_policy
 
 # %% [markdown]
 # ## Training curves
@@ -95,9 +112,16 @@ examples_figure
 # %% [markdown]
 # ## Export
 #
-# Writes the figures as PDF and SVG (vector) plus PNG, and the per-exit table as CSV and LaTeX, into
-# `figures/`.
+# Writes the figures (the threshold panel in its current state too) as PDF and SVG (vector) plus PNG, and
+# the tables as CSV and LaTeX, into `FIGURES`, with `01_manifest.json` beside them (checkpoint, records,
+# eelab version and commit, each file's sha256). `eelab figures 01 --out DIR` runs this notebook without a browser and exports through the same code.
 
 # %%
-widgets.ExportControl({"exit_profile": profile_figure, "training": training_figure, "examples": examples_figure,
-                       "exits": exits}, folder=FIGURES, prefix="01_")
+exporter = widgets.ExportControl(first_policy, {"exit_profile": profile_figure, "training": training_figure,
+                                               "examples": examples_figure, "exits": exits},
+                                 folder=FIGURES, prefix="01_", records=[cal, test], checkpoint=checkpoint)
+exporter
+
+# %%
+if EXPORT:
+    exporter.export()

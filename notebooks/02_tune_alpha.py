@@ -29,13 +29,14 @@
 # %% tags=["parameters"]
 import os
 
-from eelab import plots, widgets, workbench
+from eelab import plots, tables, widgets, workbench
 from eelab.records import load_records
 from eelab.sweep import precompute_grid
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, alphas and seeds
-FIGURES = "../figures"                 # where the export button writes figures and tables
+FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
+EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
 POLICY_DIR = "../runs/policies"        # the save button writes the selected policies here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # fitted gates are saved here and reused (notebook 04 too)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
@@ -52,14 +53,14 @@ BUDGET = 0.5                           # matched compute: at most this share of 
 # Every exit's logits for every cal and test sample; nothing below runs the network.
 
 # %%
-cal, test = load_records(CHECKPOINT, limit=LIMIT)
-workbench.exit_table(cal, test)
+cal, test = workbench.with_progress("loading the cal and test records", load_records, CHECKPOINT, limit=LIMIT)
+tables.show_table(workbench.exit_table(cal, test))
 
 # %% [markdown]
 # ## Fit every alpha, for every seed, on cal
 #
 # The one slow cell: the alphas of one seed are fitted in one batched run (seconds), then each is scored on
-# test. With `FITTED` set, the gates are saved and found again next time.
+# test; progress bars say which. With `FITTED` set, the gates are saved and found again next time.
 
 # %%
 alpha_runs = [precompute_grid("alpha", cal, test, {"alpha": ALPHAS, "seed": [seed], "steps": [GATE_STEPS]},
@@ -87,7 +88,7 @@ panel
 
 # %%
 sensitivity = workbench.sensitivity_table(alpha_runs, "alpha")
-sensitivity
+tables.show_table(sensitivity)
 
 # %%
 sensitivity_figure = plots.plot_sensitivity(sensitivity, "alpha")
@@ -103,14 +104,21 @@ sensitivity_figure
 # %%
 summary = workbench.summarize_policies([{"alpha": run, "threshold": threshold} for run in alpha_runs],
                                        tolerance=TOLERANCE, budget=BUDGET)
-summary
+tables.show_table(summary)
 
 # %% [markdown]
 # ## Export
 #
 # Writes the panel's current state, the sensitivity figure and the tables as PDF, SVG and PNG, CSV and
-# LaTeX into `figures/`.
+# LaTeX into `FIGURES`, with `02_manifest.json` beside them (checkpoint, records, every policy and its
+# parameters, eelab version and commit, each file's sha256). `eelab figures 02 --out DIR` does the same
+# without a browser, from the fits cached in `FITTED`.
 
 # %%
-widgets.ExportControl(panel, {"alpha_sensitivity": sensitivity_figure, "sensitivity": sensitivity,
-                              "summary": summary}, folder=FIGURES, prefix="02_")
+exporter = widgets.ExportControl(panel, {"alpha_sensitivity": sensitivity_figure, "sensitivity": sensitivity,
+                                         "summary": summary}, folder=FIGURES, prefix="02_", checkpoint=CHECKPOINT)
+exporter
+
+# %%
+if EXPORT:
+    exporter.export()

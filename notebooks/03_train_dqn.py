@@ -17,10 +17,10 @@
 # # 03 · Train a DQN exit agent
 #
 # At each exit the agent sees that exit's confidence features only and chooses continue or exit; the last
-# exit forces an exit; the reward is 1[correct] - lambda x MACs spent / plain network's MACs (the Q-network's
+# exit forces an exit; the reward is 1[correct] - cost_weight x MACs spent / plain network's MACs (the Q-network's
 # own MACs included), with no discount. Double DQN with a target network, every transition in replay,
 # exploration only while training, greedy when deciding (after the early-exit-cnn project, without its
-# defects). The episodes run over the **cal** record, thousands at a time; each lambda gives one agent and one
+# defects). The episodes run over the **cal** record, thousands at a time; each cost_weight gives one agent and one
 # point on the frontier, scored on **test**.
 #
 # Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
@@ -29,17 +29,18 @@
 # %% tags=["parameters"]
 import os
 
-from eelab import plots, widgets, workbench
+from eelab import plots, tables, widgets, workbench
 from eelab.records import load_records
 from eelab.sweep import precompute_grid
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, agents and updates
-FIGURES = "../figures"                 # where the export button writes figures and tables
+FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
+EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
 POLICY_DIR = "../runs/policies"        # the save button writes the selected agent here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # trained agents are saved here and reused (notebook 04 too)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
-COST_WEIGHTS = [0.05, 0.3, 1.1] if SMOKE else None  # lambdas, one agent each (None: the family's nine)
+COST_WEIGHTS = [0.05, 0.3, 1.1] if SMOKE else None  # one agent per cost_weight (None: the family's nine)
 AGENT = {"steps": 150} if SMOKE else {}  # other DQN parameters (steps, hidden, lr, seed, ...); {}: defaults
 REPORT_EVERY = 25                      # gradient updates between points on the live curves
 THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many points (None: all)
@@ -48,14 +49,14 @@ THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many
 # ## Records
 
 # %%
-cal, test = load_records(CHECKPOINT, limit=LIMIT)
-workbench.exit_table(cal, test)
+cal, test = workbench.with_progress("loading the cal and test records", load_records, CHECKPOINT, limit=LIMIT)
+tables.show_table(workbench.exit_table(cal, test))
 
 # %% [markdown]
 # ## Training, live
 #
 # Left: the greedy agent's mean reward on cal (no exploration) every `REPORT_EVERY` updates, one curve per
-# lambda. Right: where the agent in training leaves. Agents found in `FITTED` are drawn from their stored
+# cost_weight. Right: where the agent in training leaves. Agents found in `FITTED` are drawn from their stored
 # trace instead of trained again. The button trains again after you change the cell above.
 
 # %%
@@ -71,7 +72,7 @@ static = precompute_grid("static", cal, test)
 # %% [markdown]
 # ## Pick an agent
 #
-# The lambda slider picks the agent; its point on the frontier, its exit distribution and where each class
+# The cost_weight slider picks the agent; its point on the frontier, its exit distribution and where each class
 # leaves follow at once, beside the max-prob threshold policy and the oracle frontier. "save policy" writes
 # the selected agent (and threshold) into `POLICY_DIR` for `eelab predict` and `eelab bench`.
 
@@ -89,7 +90,7 @@ panel
 
 # %%
 summary = workbench.summarize_policies({"dqn": dqn, "threshold": threshold})
-summary
+tables.show_table(summary)
 
 # %%
 training_figure = plots.plot_dqn_training(trainer.traces, title="DQN training on cal")
@@ -98,7 +99,16 @@ training_figure
 # %% [markdown]
 # ## Export
 #
-# Writes the training curves, the panel's current state and the summary into `figures/`.
+# Writes the training curves, the panel's current state and the summary into `FIGURES`, with
+# `03_manifest.json` beside them (checkpoint, records, every agent and its parameters, eelab version and
+# commit, each file's sha256). `eelab figures 03 --out DIR` does the same without a browser, from the agents
+# cached in `FITTED`.
 
 # %%
-widgets.ExportControl(trainer, panel, {"summary": summary}, folder=FIGURES, prefix="03_")
+exporter = widgets.ExportControl(trainer, panel, {"summary": summary}, folder=FIGURES, prefix="03_",
+                                 checkpoint=CHECKPOINT)
+exporter
+
+# %%
+if EXPORT:
+    exporter.export()

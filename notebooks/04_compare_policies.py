@@ -28,13 +28,14 @@
 import os
 
 import eelab
-from eelab import plots, widgets, workbench
+from eelab import plots, tables, widgets, workbench
 from eelab.records import latency_record, load_records
 from eelab.sweep import precompute_grid, precompute_grids
 
 CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, thinner grids
-FIGURES = "../figures"                 # where the export button writes figures and tables
+FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
+EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
 GRID_POINTS = 12 if SMOKE else None    # thin each policy's default grid to this many points (None: all)
 LEARNED = ["alpha", "dqn"]             # families fitted by training a small network (minutes): cached in FITTED
@@ -57,17 +58,19 @@ SEED_CHECKPOINTS = []                  # the same recipe trained with other seed
 # except `profile_checkpoint`, which times each stage and head at batch 1 for the latency axis.
 
 # %%
-cal, test = load_records(CHECKPOINT, limit=LIMIT)
-profile = eelab.profile_checkpoint(CHECKPOINT, rounds=PROFILE_ROUNDS)
+cal, test = workbench.with_progress("loading the cal and test records", load_records, CHECKPOINT, limit=LIMIT)
+profile = workbench.with_progress("timing each stage and head at batch 1", eelab.profile_checkpoint, CHECKPOINT,
+                                  rounds=PROFILE_ROUNDS)
 latency = latency_record(test, profile)
-workbench.exit_table(cal, test)
+tables.show_table(workbench.exit_table(cal, test))
 
 # %% [markdown]
 # ## Every policy's frontier
 #
-# The one slow cell: each grid point is fitted on cal and evaluated on test once. Fitted policies are saved in
-# `FITTED` and found again next time (notebooks 02 and 03 fill the same folder), so the learned families train
-# only on the first run.
+# The one slow cell: each grid point is fitted on cal and evaluated on test once, with a progress bar per
+# family. Fitted policies are saved in `FITTED` and found again next time (notebooks 02 and 03 fill the same
+# folder), so the learned families train only on the first run. A family these records cannot feed (e.g.
+# confidence, without learned confidences) is left out with a one-line note.
 
 # %%
 grids = precompute_grids(COMPARE, cal, test, latency=latency, max_points=GRID_POINTS, cache=FITTED)
@@ -101,7 +104,7 @@ risk
 # %%
 target = workbench.target_accuracy(cal, TOLERANCE)
 matched = workbench.operating_points(grids, accuracy=target)
-matched
+tables.show_table(matched)
 
 # %%
 points = workbench.matched_points(grids, accuracy=target)
@@ -124,7 +127,7 @@ pattern_figure
 # %%
 split_point = workbench.matched_point(grids[SPLIT_POLICY], accuracy=target)
 split = workbench.split_table(profile, test, grids[SPLIT_POLICY].exits[split_point])
-split
+tables.show_table(split)
 
 # %%
 split_figure = plots.plot_split(split, title=f"edge/cloud split: {grids[SPLIT_POLICY].table.at[split_point, 'label']}")
@@ -152,17 +155,25 @@ reliability_figure
 seed_runs = [precompute_grids(COMPARE, *load_records(path, limit=LIMIT), max_points=GRID_POINTS,
                               cache=FITTED) for path in SEED_CHECKPOINTS]
 summary = workbench.summarize_policies([grids, *seed_runs], tolerance=TOLERANCE, budget=BUDGET)
-summary
+tables.show_table(summary)
 
 # %% [markdown]
 # ## Export
 #
 # Writes the panels' current state and the figures above as PDF, SVG and PNG, and the tables as CSV and
-# LaTeX, into `figures/`.
+# LaTeX, into `FIGURES`: the frontiers on both cost axes (`04_frontiers`, `04_frontiers_latency`), the risk
+# panel's operating point as `04_risk_operating_points`, and `04_manifest.json` (checkpoint, records, every
+# policy and its parameters, eelab version and commit, each file's sha256). `eelab figures 04 --out DIR`
+# does the same without a browser, from the fits cached in `FITTED`.
 
 # %%
-widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
-                                      "confidence": confidence_figure, "reliability": reliability_figure,
-                                      "split": split_figure, "split_table": split,
-                                      "operating_points": matched, "summary": summary},
-                      folder=FIGURES, prefix="04_")
+exporter = widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
+                                                 "confidence": confidence_figure, "reliability": reliability_figure,
+                                                 "split": split_figure, "split_table": split,
+                                                 "operating_points": matched, "summary": summary},
+                                 folder=FIGURES, prefix="04_", checkpoint=CHECKPOINT)
+exporter
+
+# %%
+if EXPORT:
+    exporter.export()

@@ -106,9 +106,9 @@ OLD_FLAGS = {
              "--label-smoothing --loss-weights --distill --distill-temperature --heads-only --plain --init --objective "
              "--cost-weight --train-samples --cal-size --no-augment --precision --seed --head --head-hidden --dropout "
              "--widths --exits-after --exits-schedule --num-exits --image-size --threads --half-weights --resume "
-             "--quiet --json",
-    "record": "--split --out --limit --batch-size --precision --threads --quiet --json",
-    "evaluate": "--policy --param --cal --save-policy --json",
+             "--quiet --json --overwrite",
+    "record": "--split --out --limit --batch-size --precision --threads --quiet --json --overwrite",
+    "evaluate": "--policy --param --cal --save-policy --json --overwrite",
     "sweep": "--policy --cal --json",
     "predict": "--policy --param --precision --batch --threads --json",
     "bench": "--policy --param --precision --images --batch --batch-images --rounds --stream --threads --json",

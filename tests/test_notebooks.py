@@ -28,9 +28,29 @@ def test_the_four_notebooks_are_planned():
     assert {"01_train_classifiers", "02_tune_alpha", "03_train_dqn", "04_compare_policies"} <= names
 
 
+def committed(path: Path) -> str:
+    """The notebook as the next commit holds it: git's index, which the output-stripping filter
+    (.gitattributes, installed by `make lab`) feeds; the file itself outside a git checkout. Running and saving
+    the notebooks in JupyterLab changes the working file, not this."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "show", f":{path.relative_to(NOTEBOOK_DIR.parent).as_posix()}"],
+                              cwd=NOTEBOOK_DIR.parent, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout (an unpacked sdist)
+        return path.read_text()
+
+
+def test_notebooks_pass_through_the_output_stripping_filter():
+    attributes = (NOTEBOOK_DIR.parent / ".gitattributes").read_text().split("\n")
+    assert "notebooks/*.ipynb filter=nbstripout diff=ipynb" in attributes
+    makefile = (NOTEBOOK_DIR.parent / "Makefile").read_text()
+    assert re.search(r"^lab: .*git-filter", makefile, re.M) and "git config filter.nbstripout.clean" in makefile
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_without_outputs_or_widget_state(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = nbformat.reads(committed(path), as_version=4)
     nbformat.validate(nb)
     assert "widgets" not in nb.metadata, f"{path.name} holds widget state: clear it before committing"
     for i, cell in enumerate(code_cells(nb)):

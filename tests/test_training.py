@@ -105,6 +105,20 @@ def test_distillation_and_half_weights(tmp_path, tiny_folder):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_half_weights_keep_values_beyond_fp16_in_fp32(tmp_path):
+    from eelab.checkpoint import save_checkpoint
+    from eelab.testing import tiny_net
+
+    net = tiny_net(num_exits=2, num_classes=3, seed=0)
+    with torch.no_grad():  # a batch-norm-like buffer of an unsettled net, past fp16's 65504
+        next(net.parameters()).fill_(1e6)
+    save_checkpoint(tmp_path, net, {"format": "x"}, [], {}, half_weights=True)
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    big, *rest = weights.values()
+    assert big.dtype == torch.float32 and torch.isfinite(big).all() and float(big.max()) == 1e6
+    assert {w.dtype for w in rest if w.is_floating_point()} == {torch.float16}
+
+
 def test_multi_exit_loss_hand_computed():
     logits = torch.zeros(2, 2, 3)                   # uniform predictions: CE = log 3 at every exit
     labels = torch.tensor([0, 1])

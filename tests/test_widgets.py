@@ -3,14 +3,19 @@ for that value; a move fits nothing and decides nothing; training grows the curv
 writes files."""
 from __future__ import annotations
 
+import hashlib
+import json
+from datetime import datetime
 from functools import partial
 
+import ipywidgets
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
 from matplotlib.figure import Figure
 
-from eelab import testing, widgets
+from eelab import plots, testing, widgets
 from eelab.errors import EelabError
 from eelab.metrics import evaluate, oracle_frontier, pareto_front
 from eelab.policies import Policy, RiskPolicy, make_policy
@@ -143,7 +148,11 @@ def test_paper_figures_follow_the_panel_state(grids):
     table = panel.paper_tables()["operating_points"]
     assert table.loc[0, "budget"] == grids["budget"].values("budget")[2]
     compare = widgets.ComparePoliciesPanel(grids)
-    assert set(compare.paper_figures()) == {"frontiers"} and "area_latency" in compare.paper_tables()["areas"]
+    compare.cost.value = "rel_ms"  # whatever the toggle shows, both cost axes are exported
+    figures = compare.paper_figures()
+    assert set(figures) == {"frontiers", "frontiers_latency"} and "area_latency" in compare.paper_tables()["areas"]
+    assert "MACs" in figures["frontiers"].axes[0].get_xlabel()
+    assert "latency" in figures["frontiers_latency"].axes[0].get_xlabel()
 
 
 def test_export_button_writes_figures_and_tables(grids, tmp_path):
@@ -152,7 +161,99 @@ def test_export_button_writes_figures_and_tables(grids, tmp_path):
     control.button.click()
     names = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert "t_frontier.pdf" in names and "t_exit_distribution.svg" in names and "t_table.tex" in names
-    assert "t_operating_points.csv" in names and "wrote 10 files" in control.output.value
+    assert "t_operating_points.csv" in names and "t_manifest.json" in names
+    assert "wrote 11 files" in control.output.value and len(names) == 11  # 3 + 3 + 2 + 2, and the manifest
+
+
+def export_set_of_04(pair, latency, grids, folder):
+    """Notebook 04's export: the compare and risk panels, and its figures and tables (operating_points too)."""
+    cal, test = pair
+    risk_grid = precompute_grid("risk", cal, test, {"epsilon": [0.05, 0.1, 0.2], "delta": [0.1, 0.2]})
+    compare = widgets.ComparePoliciesPanel(grids)
+    risk = widgets.RiskControlPanel(risk_grid, static=grids["static"])
+    figure = plots.plot_exit_distribution({"threshold": [0.5, 0.2, 0.2, 0.1]})
+    table = pd.DataFrame({"policy": ["threshold"], "accuracy": [0.5]})
+    return widgets.ExportControl(compare, risk, {"class_accuracy": figure, "operating_points": table,
+                                                 "summary": table}, folder=folder, prefix="04_",
+                                 records=[cal, test]), risk
+
+
+def test_04_export_writes_each_file_once_and_counts_what_is_on_disk(pair, latency, grids, tmp_path):
+    control, risk = export_set_of_04(pair, latency, grids, tmp_path / "figures")
+    risk.sliders["risk"]["epsilon"].value = 0.1
+    control.button.click()  # the button and export() are one path
+    on_disk = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    reported = control.output.value.split(": ", 1)[1].split(", ")
+    assert control.output.value.startswith(f"wrote {len(on_disk)} files: ")
+    assert sorted(reported) == on_disk and len(set(reported)) == len(reported)  # no file written twice
+    manifest = json.loads((tmp_path / "figures" / "04_manifest.json").read_text())
+    listed = [f["name"] for f in manifest["files"]]
+    assert sorted(listed + ["04_manifest.json"]) == on_disk
+    for f in manifest["files"]:
+        assert f["sha256"] == hashlib.sha256((tmp_path / "figures" / f["name"]).read_bytes()).hexdigest()
+    # the two operating_points tables kept apart by source; both cost axes; the risk figure and table
+    for name in ("04_operating_points.csv", "04_risk_operating_points.csv", "04_frontiers.pdf",
+                 "04_frontiers_latency.pdf", "04_risk.png", "04_risk.csv", "04_areas.tex"):
+        assert name in on_disk, " ".join(on_disk)
+    again = control.export()  # a second export rewrites the same files, never more
+    assert sorted(p.name for p in again) == on_disk == sorted(p.name for p in (tmp_path / "figures").iterdir())
+
+
+def test_export_manifest_traces_records_and_policies(pair, latency, grids, tmp_path):
+    control, risk = export_set_of_04(pair, latency, grids, tmp_path / "out")
+    risk.sliders["risk"]["epsilon"].value = 0.2
+    risk.sliders["risk"]["delta"].value = 0.1
+    written = control.export()
+    manifest = json.loads(written[-1].read_text())
+    assert written[-1].name == "04_manifest.json" and manifest["checkpoint_sha256"] == "cd" * 32
+    assert manifest["eelab_version"] and datetime.fromisoformat(manifest["date"]).utcoffset().total_seconds() == 0
+    assert manifest["git_commit"] is None or len(manifest["git_commit"]) == 40
+    splits = sorted((r["n"], r["cost_unit"]) for r in manifest["records"])
+    assert splits == [(300, "MACs"), (300, "MACs"), (300, "ms")]  # cal, test and test priced in ms, once each
+    chosen = next(p for p in manifest["policies"] if p["source"] == "risk")
+    assert chosen["selected"]["params"]["epsilon"] == 0.2 and chosen["selected"]["params"]["delta"] == 0.1
+    assert chosen["parameters"]["epsilon"] == [0.05, 0.1, 0.2] and "lambda" in chosen["selected"]["fitted"]
+    compared = {p["grid"] for p in manifest["policies"] if p["source"] == "compare"}
+    assert compared == set(grids)
+
+
+def test_export_refuses_a_clash_before_writing_anything(grids, tmp_path):
+    table = grids["static"].table
+    control = widgets.ExportControl({"summary": table}, {"summary": table}, folder=tmp_path / "f")
+    with pytest.raises(EelabError, match="nothing written.*summary"):
+        control.export()
+    control.button.click()
+    assert "export failed" in control.output.value and not (tmp_path / "f").exists()
+
+
+def test_panel_traces_take_their_family_style(grids):
+    panel = widgets.PolicySliderPanel([grids["threshold"], grids["patience"]], static=grids["static"])
+    for name in ("threshold", "patience"):
+        style = plots.plotly_style(name)
+        assert trace(panel.frontier, name).line.color == style["line"]["color"]
+        assert trace(panel.frontier, name).marker.symbol == style["marker"]["symbol"]
+        assert trace(panel.frontier, f"{name} (selected)").marker.color == style["marker"]["color"]
+        assert trace(panel.exit_figure, name).marker.color == style["marker"]["color"]
+    assert trace(panel.frontier, "oracle frontier").line.color == plots.plotly_style("oracle")["line"]["color"]
+    compare = widgets.ComparePoliciesPanel(grids)
+    for name in ("threshold", "patience", "budget", "risk"):
+        assert trace(compare.figure, name).line.color == plots.plotly_style(name)["line"]["color"]
+    assert len({trace(compare.figure, n).line.color for n in ("threshold", "patience", "budget", "risk")}) == 4
+    two = widgets.PolicySliderPanel([grids["threshold"], grids["threshold"]])  # one family twice: a second look
+    first, second = trace(two.frontier, "threshold"), trace(two.frontier, "threshold 1")
+    assert first.line.color == second.line.color and first.line.dash != second.line.dash
+
+
+def test_static_labels_stay_inside_and_labels_are_not_doubled(grids):
+    panel = widgets.PolicySliderPanel([grids["threshold"], grids["risk"]], static=grids["static"])
+    static = trace(panel.frontier, "static exits")
+    last = max(range(len(static.x)), key=lambda i: static.x[i])
+    assert static.textposition[last] == "bottom left" and static.text[last] == f"exit {len(static.x) - 1}"
+    rows = [box for box in panel.children if isinstance(box, ipywidgets.HBox) and any(
+        isinstance(c, ipywidgets.SelectionSlider) for c in box.children)]
+    texts = [[c.value if isinstance(c, ipywidgets.Label) else c.description for c in row.children] for row in rows]
+    assert texts == [["threshold"], ["risk", *grids["risk"].params]]  # "threshold" once, not "threshold  threshold"
+    assert all(s.style.description_width == "initial" for g in panel.sliders.values() for s in g.values())
 
 
 def test_training_panel_grows_curves_each_epoch_then_records(tiny_folder, tiny_checkpoint, tmp_path):
@@ -190,7 +291,12 @@ def test_dqn_panel_draws_training_live_then_finds_the_agents_again(pair, tmp_pat
     shown = []  # what the exit figure showed at each report, while training ran
     panel.exit_figure.data[0].on_change(lambda bars, y: shown.append(list(y)), "y")
     grid = panel.train()
-    assert [t.name for t in panel.reward_figure.data] == ["lambda=0.1", "lambda=0.8"]
+    assert [t.name for t in panel.reward_figure.data] == ["dqn cost_weight=0.1", "dqn cost_weight=0.8"]
+    assert [t.line.color for t in panel.reward_figure.data] == [plots.plotly_style("dqn", i)["line"]["color"]
+                                                                 for i in range(2)]
+    last = grid.policies[1].info["trace"][-1]  # the bars and their title come from the same (last) report
+    assert panel.exit_figure.layout.title.text == f"agent dqn cost_weight=0.8 at update {last['step']}"
+    assert list(panel.exit_figure.data[0].y) == last["exit_fractions"]
     for trace, policy in zip(panel.reward_figure.data, grid.policies):
         rows = policy.info["trace"]
         assert list(trace.x) == [20, 40, 60] and list(trace.y) == [r["greedy_reward"] for r in rows]

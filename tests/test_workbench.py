@@ -226,10 +226,58 @@ def test_examples_come_from_the_dataset_when_it_is_here(tiny_checkpoint):
     assert ex.exits == [1] * 4 and ex.predictions == rec.logits[rows, 1].argmax(-1).tolist()
 
 
-def test_families_that_need_fields_the_records_lack_are_left_out(pair):
-    with pytest.warns(UserWarning, match=r"confidence left out: it reads the record field\(s\) confidences"):
+def test_families_that_need_fields_the_records_lack_are_left_out_with_a_note_not_a_warning(pair, capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal situation: no UserWarning (a pink box in a notebook)
         grids = precompute_grids(["static", "confidence"], *pair)
     assert list(grids) == ["static"]
+    assert grids.left_out["confidence"].startswith("it reads the record field(s) confidences")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"note: policy confidence left out: {grids.left_out['confidence']}"]  # one line
+    quiet = precompute_grids(["confidence"], *pair, progress=False)
+    assert dict(quiet) == {} and "confidence" in quiet.left_out and capsys.readouterr().out == ""
+
+
+def test_grids_show_progress_bars_saying_what_they_do(pair, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("eelab.sweep")  # eelab.sweep is also the function of that name
+    made = []
+    real = module.tqdm
+
+    def spy(*args, **kwargs):
+        made.append((kwargs.get("desc"), kwargs.get("disable")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "tqdm", spy)
+    precompute_grids(["static", "threshold"], *pair, max_points=5)
+    descs = [d for d, off in made if not off]
+    assert "policy grids" in descs and "scoring 5 threshold point(s) on test and cal" in descs
+    made.clear()
+    precompute_grid("alpha", *pair, {"alpha": [0.0, 1.0], "steps": [2]})
+    assert ("fitting 2 alpha point(s) on cal (one batched run)", False) in made
+    made.clear()
+    precompute_grid("threshold", *pair, max_points=3, progress=False)
+    assert made and all(off for _, off in made)
+
+
+def test_manifest_entries_identify_records_and_policies(pair, tmp_path):
+    cal, test = pair
+    grid = precompute_grid("threshold", cal, test, max_points=4)
+    rec = workbench.record_identity(cal, tmp_path / "cal.pt")
+    assert rec["n"] == cal.n and rec["k"] == cal.k and rec["checkpoint_sha256"] == cal.meta.get("checkpoint_sha256")
+    assert rec["path"] == str(tmp_path / "cal.pt") and rec["indices_sha256"] != workbench.record_identity(
+        cal.subset(torch.arange(10)))["indices_sha256"]
+    entry = workbench.grid_identity(grid, selected=2)
+    assert entry["points"] == 4 and entry["parameters"]["threshold"] == grid.values("threshold")
+    assert entry["selected"]["params"] == grid.policies[2].params and entry["selected"]["row"] == 2
+    (tmp_path / "a.txt").write_text("abc")
+    manifest = workbench.export_manifest([tmp_path / "a.txt"], [rec], [entry])
+    abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256 of "abc" (FIPS 180-2)
+    assert manifest["files"] == [{"name": "a.txt", "path": str((tmp_path / "a.txt").resolve()), "sha256": abc}]
+    assert manifest["checkpoint_sha256"] == rec["checkpoint_sha256"]
 
 
 def test_every_registered_family_has_a_grid(pair):
@@ -298,3 +346,11 @@ def test_split_table_refuses_a_profile_or_exits_of_another_shape():
         workbench.split_table({"stages": [stage] * 3}, record, torch.tensor([0, 1, 3, 0]))
     none_local = workbench.split_table({"stages": [stage] * 3}, record, torch.full((4,), 2))
     assert math.isnan(none_local["local_accuracy"][0]) and none_local["local_share"][0] == 0.0
+
+
+def test_with_progress_shows_a_bar_saying_what_it_does(monkeypatch):
+    made = []
+    real = workbench.tqdm
+    monkeypatch.setattr(workbench, "tqdm", lambda *a, **k: made.append(k["desc"]) or real(*a, **k))
+    assert workbench.with_progress("loading the records", lambda a, b=0: a + b, 2, b=3) == 5
+    assert made == ["loading the records"]

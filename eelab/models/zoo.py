@@ -47,6 +47,14 @@ class ModelConfig:
             raise EelabError(f"unknown model {self.name!r}; choose one of {', '.join(FACTORIES)}")
         if self.head not in HEADS:
             raise EelabError(f"unknown head kind {self.head!r}; use one of {', '.join(HEADS)}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):  # also refuses nan
+            raise EelabError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.head_hidden, int) and self.head_hidden >= 1):
+            raise EelabError(f"--head-hidden must be at least 1, got {self.head_hidden}")
+        if not self.widths or not all(isinstance(w, int) and w >= 1 for w in self.widths):
+            raise EelabError(f"--widths must be positive whole numbers, got {self.widths}")
+        if self.num_exits is not None and self.num_exits < 2:
+            raise EelabError(f"--num-exits must be at least 2 (the last exit included), got {self.num_exits}")
         if self.exits_schedule is not None and self.exits_schedule not in SCHEDULES:
             raise EelabError(f"unknown exit schedule {self.exits_schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.exits_after is not None and (self.exits_schedule is not None or self.num_exits is not None) \

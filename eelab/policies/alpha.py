@@ -60,8 +60,8 @@ class AlphaPolicy(Policy):
         "alpha": Param(0.5, "float", "weight of expected cost against expected cross-entropy", lo=0, hi=1),
         "hidden": Param(8, "int", "hidden units of each exit's gate (one hidden layer)", lo=1),
         "steps": Param(200, "int", "full-batch Adam steps", lo=1),
-        "lr": Param(0.03, "float", "Adam learning rate", lo=0, open_lo=True),
-        "seed": Param(0, "int", "seed of the gates' initial weights"),
+        "lr": Param(0.03, "float", "Adam learning rate", lo=0, hi=10, open_lo=True),
+        "seed": Param(0, "int", "seed of the gates' initial weights", lo=0, hi=2**32 - 1),
     }
     FITTED = ("w1", "b1", "w2", "b2")
 
@@ -120,6 +120,11 @@ def fit_alpha_grid(cal: ExitRecord, alphas: list[float] | torch.Tensor, **params
     if not policies:
         return []
     fitted, info = _fit_gates(cal, alphas, policies[0].params)
+    for policy, tensors, extra in zip(policies, fitted, info):
+        problem = policy.fitted_problem(tensors)
+        if problem:  # the same guard as Policy.fit: no policy of the grid comes back half-fitted
+            raise EelabError(f"fitting policy {policy.describe()} produced {problem}; lower lr or change the "
+                             "parameters")
     for policy, tensors, extra in zip(policies, fitted, info):
         policy.info = {**policy.cal_info(cal), **extra}
         policy.fitted = {key: value.detach().clone() for key, value in tensors.items()}

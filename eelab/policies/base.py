@@ -50,6 +50,8 @@ class Policy:
     PARAMS: ClassVar[dict[str, Param]] = {}
     FITTED: ClassVar[tuple[str, ...]] = ()
     INPUTS: ClassVar[tuple[str, ...]] = ()
+    INFINITE_OK: ClassVar[tuple[str, ...]] = ()  # fitted tensors where +-inf means something (a threshold no
+                                                 # sample reaches); NaN is refused in every fitted tensor
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -92,8 +94,28 @@ class Policy:
         """Fit on a cal record (a no-op where nothing is learned); returns self."""
         self.fitted = {}  # a fit that raises leaves the policy unfitted, not half-fitted
         self.info = self.cal_info(cal)
-        self.fitted = {key: value.detach().clone() for key, value in self._fit(cal).items()}
+        fitted = {key: value.detach().clone() for key, value in self._fit(cal).items()}
+        problem = self.fitted_problem(fitted)
+        if problem:
+            self.info = {}
+            raise EelabError(f"fitting policy {self.describe()} produced {problem}; nothing was saved: lower lr, "
+                             f"change the parameters, or check the cal record")
+        self.fitted = fitted
         return self
+
+    def fitted_problem(self, fitted: dict[str, Any]) -> str | None:
+        """What is wrong with fitted tensors (not tensors, NaN, or infinity where INFINITE_OK does not allow
+        it), or None: the one check fit() and policy files run."""
+        for key, value in fitted.items():
+            if not isinstance(value, torch.Tensor) or value.is_complex():
+                return f"a fitted {key} that is not a real tensor ({type(value).__name__})"
+            if not value.is_floating_point():
+                continue
+            if bool(torch.isnan(value).any()):
+                return f"NaN in its fitted {key}"
+            if key not in self.INFINITE_OK and not bool(torch.isfinite(value).all()):
+                return f"infinity in its fitted {key}"
+        return None
 
     @staticmethod
     def cal_info(cal: ExitRecord) -> dict[str, Any]:
@@ -141,10 +163,11 @@ class Policy:
         """Fitted scalars worth a column in a sweep table (e.g. risk's lambda); empty by default."""
         return {}
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the policy (name, params, fitted tensors, fit info) as a small torch file, atomically
-        (policies.files: what `eelab predict --policy FILE` and load_policy read)."""
-        return save_policy(self, path)
+        (policies.files: what `eelab predict --policy FILE` and load_policy read); a file of another kind at
+        `path` is refused unless overwrite."""
+        return save_policy(self, path, overwrite)
 
     @classmethod
     def grid(cls, cal: ExitRecord) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ class BudgetPolicy(Policy):
         "score": Param("max_prob", "str", "confidence score", choices=SCORES),
     }
     FITTED = ("thresholds",)
+    INFINITE_OK = ("thresholds",)  # inf: no sample exits early there
 
     def _fit(self, cal: ExitRecord) -> dict[str, torch.Tensor]:
         rel = cal.costs.double() / cal.full_cost

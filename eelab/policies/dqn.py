@@ -192,11 +192,12 @@ class DQNPolicy(Policy):
         "cost_weight": Param(0.3, "float", "lambda: reward = 1[right] - cost_weight * MACs / full MACs", lo=0),
         "hidden": Param(DQNConfig.hidden, "int", "hidden units of the Q-network's two layers", lo=1),
         "steps": Param(DQNConfig.steps, "int", "gradient updates (each after a step of 256 parallel episodes)", lo=1),
-        "lr": Param(DQNConfig.lr, "float", "Adam learning rate", lo=0, open_lo=True),
+        "lr": Param(DQNConfig.lr, "float", "Adam learning rate", lo=0, hi=10, open_lo=True),
         "batch_size": Param(DQNConfig.batch_size, "int", "transitions per update, drawn from replay", lo=1),
         "target_every": Param(DQNConfig.target_every, "int", "updates between target-network syncs", lo=1),
         "epsilon_end": Param(DQNConfig.epsilon_end, "float", "final exploration rate while training", lo=0, hi=1),
-        "seed": Param(DQNConfig.seed, "int", "seed of the weights, episodes, exploration and replay draws"),
+        "seed": Param(DQNConfig.seed, "int", "seed of the weights, episodes, exploration and replay draws",
+                      lo=0, hi=2**32 - 1),
     }
     FITTED = ("w0", "b0", "w1", "b1", "w2", "b2")
 

@@ -81,6 +81,7 @@ class RiskPolicy(Policy):
         "mode": Param("ltt", "str", "ltt: P(risk > epsilon) <= delta; crc: E[risk] <= epsilon", choices=MODES),
     }
     FITTED = ("lambda",)
+    INFINITE_OK = ("lambda",)  # inf: no sample exits early there
 
     def _fit(self, cal: ExitRecord) -> dict[str, torch.Tensor]:
         eps, delta, mode = self.params["epsilon"], self.params["delta"], self.params["mode"]
