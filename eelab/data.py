@@ -445,8 +445,11 @@ def prepare(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.
     return (images.float().div_(255) - m) / s
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop after `pad` reflect padding and horizontal flip, per sample: uint8 [B, ch, H, W] -> same."""
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
+            flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop after `pad` reflect padding and horizontal flip, per sample: uint8 [B, ch, H, W] -> same.
+
+    flip_mask bool [B]: the images to flip (derandomised flipping), instead of a draw from generator."""
     b, _, h, w = images.shape
     out = images
     if pad > 0:
@@ -459,7 +462,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
         bi = torch.arange(b).view(b, 1, 1)
         out = padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
         out = out.to(torch.uint8)
-    if flip:
+    if flip_mask is not None:
+        out = torch.where(flip_mask.view(b, 1, 1, 1), out.flip(3), out)
+    elif flip:
         mask = torch.rand(b, generator=generator) < 0.5
         out = torch.where(mask.view(b, 1, 1, 1), out.flip(3), out)
     return out.contiguous()

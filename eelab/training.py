@@ -11,6 +11,8 @@ update equals a one-process step on the same global batch, up to batch-norm stat
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 import time
@@ -35,7 +37,8 @@ from .errors import EelabError, EelabWarning
 from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
 
 OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("onecycle", "cosine")
+LR_SCHEDULES = ("onecycle", "cosine", "triangle")
+FLIPS = ("random", "alternate")
 OBJECTIVES = ("joint", "eenet")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3}
@@ -62,11 +65,20 @@ class TrainConfig:
                                            "default 64)", metavar="PIXELS")
     epochs: int = _option(30, "passes over the train split")
     batch_size: int = _option(128, "the global batch, split over the processes under torchrun")
-    optimizer: str = _option("sgd", "sgd: Nesterov momentum 0.9", choices=OPTIMIZERS)
+    optimizer: str = _option("sgd", "sgd: Nesterov momentum (--momentum)", choices=OPTIMIZERS)
+    momentum: float = _option(0.9, "sgd: Nesterov momentum")
     lr: float | None = _option(None, "peak learning rate (default " + ", ".join(f"{v:g} for {k}" for k, v in
                                                                         _DEFAULT_LR.items()) + ")")
     weight_decay: float = _option(5e-4, "weight decay of the optimizer")
-    schedule: str = _option("onecycle", "learning-rate schedule over all steps", choices=LR_SCHEDULES)
+    schedule: str = _option("onecycle", "learning-rate schedule over all steps; triangle: linear warm-up from 0.2x "
+                                        "to the peak at 23% of the steps, then linear decay to 0.07x (airbench)",
+                            choices=LR_SCHEDULES)
+    bn_lr_scale: float = _option(1.0, "learning-rate factor of batch-norm parameters, their weight decay divided "
+                                      "by it so its pull stays the same (airbench: 64)", metavar="FACTOR")
+    ema: float = _option(0.0, "decay of an exponential moving average of the weights, updated every step, which "
+                              "is evaluated and saved as the checkpoint (0: off; e.g. 0.99)", metavar="DECAY")
+    whiten: bool = _option(False, "initialise the first conv of stage 0 to whiten training patches (its weights "
+                                  "frozen; it needs 2 x or 1 x ch x k x k filters, as ee_airnet has)")
     label_smoothing: float = _option(0.1, "label smoothing of every exit's cross-entropy")
     loss_weights: tuple[float, ...] | None = _option(None, "per-exit loss weights, e.g. 0.5,0.7,0.9,1 (default "
                                                            "all 1)", metavar="W0,W1,...")
@@ -79,7 +91,11 @@ class TrainConfig:
     train_samples: int | None = _option(None, "train on a seeded subset of N images of the train split",
                                         metavar="N")
     cal_size: int = _option(5000, "images held out of the train split for calibration")
-    augment: bool = _option(True, "flip and 4-pixel reflect-pad crop, on tensors")
+    augment: bool = _option(True, "flip and reflect-pad crop (--translate), on tensors")
+    translate: int = _option(4, "augmentation: random shift of up to this many pixels (reflect padding)",
+                             metavar="PIXELS")
+    flip: str = _option("random", "augmentation: random, or alternate (each image flipped in every other epoch, "
+                                  "a seeded half of them in the first: airbench's derandomised flip)", choices=FLIPS)
     precision: str = _option("auto", "auto: fp16 on CUDA, bf16 on a CPU with native bf16 (AMX, AVX512-BF16), "
                                      "else fp32; fp16 needs CUDA", choices=PRECISIONS)
     seed: int = _option(0, "seeds the weights, the cal split, the subset, the batches and augmentation")
@@ -119,6 +135,10 @@ class TrainConfig:
             ("cal_size", self.cal_size >= 0, "at least 0"),
             ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
             ("cost_weight", self.cost_weight >= 0, "at least 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("bn_lr_scale", self.bn_lr_scale > 0, "above 0"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
+            ("translate", self.translate >= 0, "at least 0"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (eelab offsets it for its generators, which "
                                                  "take 64-bit seeds)"),
         )
@@ -269,18 +289,20 @@ class WithConfidences(nn.Module):
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                weights: torch.Tensor, cfg: TrainConfig, mean: list[float], std: list[float],
                gen: torch.Generator, device: torch.device, dtype: torch.dtype | None,
-               scaler: torch.amp.GradScaler | None = None, shard: tuple[int, int] = (0, 1)) -> float | None:
+               scaler: torch.amp.GradScaler | None = None, shard: tuple[int, int] = (0, 1),
+               flip: torch.Tensor | None = None) -> float | None:
     """One optimisation step on a uint8 batch [B, ch, H, W]: augment, normalise, channels_last autocast forward,
     fp32 loss.
 
     net: WithConfidences(model), or its DistributedDataParallel wrapper, which averages gradients. shard (rank,
     world): distributed training; `images` is the whole global batch, augmented here with the same random draws
     on every rank, of which this rank takes rows [rank B/world, (rank+1) B/world). weights [K]: per-exit loss
-    weights (eenet: the exits' normalised costs). Returns the loss (the mean over ranks), or None (and no
-    update, on every rank) when it is not finite.
+    weights (eenet: the exits' normalised costs). flip [B] bool: which images to flip (--flip alternate), else
+    drawn from gen. Returns the loss (the mean over ranks), or None (and no update, on every rank) when it is not
+    finite.
     """
     if cfg.augment:
-        images = augment(images, gen)
+        images = augment(images, gen, pad=cfg.translate, flip_mask=flip)
     rank, world = shard
     if world > 1:
         b = images.shape[0] // world
@@ -357,6 +379,12 @@ class _Parts:
     scaler: torch.amp.GradScaler | None
     batch: int                       # images per step (the global batch)
     steps: int                       # steps per epoch
+    ema: MultiExitNet | None = None  # --ema: the averaged weights, evaluated and saved as the checkpoint
+
+    @property
+    def kept(self) -> MultiExitNet:
+        """The network the checkpoint holds: the weight average with --ema, else the trained model."""
+        return self.ema if self.ema is not None else self.model
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -428,12 +456,15 @@ def _phases(cfg: TrainConfig, resume: bool, run: _Run, dtype: torch.dtype | None
         cfg = _resumed_config(cfg, run.out)
     model, costs, full_cost = _build_model(cfg, data.image_shape, run.device)
     weights, frozen = _loss_weights(cfg, model, costs, full_cost, run.device)
+    if cfg.whiten:
+        whiten_first_conv(model, None if (resume or cfg.init) else data.x_train, data.mean, data.std)
     n = data.x_train.shape[0]
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)  # drop the last partial batch: batch norm needs more than one sample
     opt, sched = _optimizer(cfg, model, cfg.epochs * steps)
     parts = _Parts(model, opt, sched, weights, frozen, torch.Generator().manual_seed(cfg.seed + 2), dtype,
-                   torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, batch, steps)
+                   torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, batch, steps,
+                   copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None)
     start, history = _restore(run.out, parts) if resume else (0, [])
     ckpt_cfg = checkpoint_config(cfg.to_dict(), cfg.dataset, data.class_names, data.image_shape, data.mean,
                                  data.std, data.cal_idx, costs, full_cost)
@@ -556,15 +587,63 @@ def _loss_weights(cfg: TrainConfig, model: MultiExitNet, costs: torch.Tensor, fu
 def _optimizer(cfg: TrainConfig, model: MultiExitNet, total_steps: int
                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimizer over the trainable parameters and its learning-rate schedule over total_steps."""
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR[cfg.optimizer]
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in norm],
+               "lr": lr, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.requires_grad and id(p) in norm],
+               "lr": lr * cfg.bn_lr_scale, "weight_decay": cfg.weight_decay / cfg.bn_lr_scale}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr)
     if cfg.schedule == "onecycle":
-        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                        total_steps=total_steps, pct_start=0.25)
+    if cfg.schedule == "triangle":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(triangle, total_steps=total_steps))
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+
+
+def triangle(step: int, total_steps: int, start: float = 0.2, peak: float = 0.23, end: float = 0.07) -> float:
+    """The triangle schedule's learning-rate factor at a step: linear from `start` to 1 over the first `peak`
+    share of total_steps, then linear to `end` at the last step (airbench's warm-up and decay)."""
+    top = max(1, int(peak * total_steps))
+    if step <= top:
+        return start + (1 - start) * step / top
+    return 1 + (end - 1) * min(1.0, (step - top) / max(1, total_steps - top))
+
+
+@torch.no_grad()
+def whiten_first_conv(model: MultiExitNet, images: torch.Tensor | None, mean: Sequence[float],
+                      std: Sequence[float], samples: int = 5000, eps: float = 5e-4) -> nn.Conv2d:
+    """Initialise the first conv of stage 0 to whiten k x k patches of training images, and freeze its weights.
+
+    images: uint8 [N, ch, H, W] training images (the first `samples` are used), normalised by mean/std; None
+    only freezes (a resume, or --init: the weights come from the checkpoint). The conv needs d = ch k k filters
+    (the patch covariance's eigenvectors, each scaled by 1/sqrt(eigenvalue + eps)) or 2d (the same and their
+    negatives, airbench's layout); its bias stays trainable. Returns the conv.
+    """
+    conv = next((m for m in model.stages[0].modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise EelabError("--whiten needs a conv layer in the model's first stage")
+    ch, (kh, kw) = conv.in_channels, conv.kernel_size
+    d = ch * kh * kw
+    if conv.out_channels not in (d, 2 * d) or conv.groups != 1:
+        raise EelabError(f"--whiten needs a first conv with {d} or {2 * d} filters ({ch} channels x {kh}x{kw}), "
+                         f"this model's has {conv.out_channels}; use --model ee_airnet or drop --whiten")
+    conv.weight.requires_grad_(False)
+    if images is None:
+        return conv
+    x = prepare(images[:samples], list(mean), list(std)).double()
+    patches = x.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, d)
+    values, vectors = torch.linalg.eigh(patches.T @ patches / patches.shape[0])  # ascending
+    filters = (vectors.T.flip(0) / torch.sqrt(values.flip(0) + eps)[:, None]).reshape(d, ch, kh, kw)
+    if conv.out_channels == 2 * d:
+        filters = torch.cat([filters, -filters])
+    conv.weight.copy_(filters.to(conv.weight.dtype))
+    return conv
 
 
 def _restore(out: Path, parts: _Parts) -> tuple[int, list[dict]]:
@@ -572,6 +651,8 @@ def _restore(out: Path, parts: _Parts) -> tuple[int, list[dict]]:
     st = load_state(out)
     try:
         parts.model.load_state_dict(st["model"])
+        if parts.ema is not None:
+            parts.ema.load_state_dict(st["ema"])
         parts.opt.load_state_dict(st["optimizer"])
         parts.sched.load_state_dict(st["scheduler"])
         parts.gen.set_state(st["generator"])
@@ -602,7 +683,7 @@ def _epochs(cfg: TrainConfig, data: _Data, parts: _Parts, run: _Run, ckpt_cfg: d
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": parts.sched.get_last_lr()[0], "seconds": seconds,
                    "images_per_s": parts.steps * parts.batch / seconds}
             if data.x_cal.shape[0]:
-                row.update(_evaluate_exits(parts.model, data, run.device, parts.dtype, cfg.eval_batch_size))
+                row.update(_evaluate_exits(parts.kept, data, run.device, parts.dtype, cfg.eval_batch_size))
             history.append(row)
             _save_epoch(run, parts, ckpt_cfg, history, epoch + 1)
             if run.progress:
@@ -620,22 +701,44 @@ def _train_epoch(cfg: TrainConfig, data: _Data, parts: _Parts, net: nn.Module, r
     if run.world > 1:  # dropout draws differ between ranks, and an epoch's draws do not depend on a resume
         torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + 7_919 * run.rank)
     perm = torch.randperm(data.x_train.shape[0], generator=parts.gen)
+    flips = alternate_flips(data.x_train.shape[0], epoch, cfg.seed) if cfg.flip == "alternate" else None
     loss_sum = 0.0
     bar = tqdm(range(parts.steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not run.progress,
                leave=False)
     for step in bar:
         rows = perm[step * parts.batch:(step + 1) * parts.batch]
         loss = train_step(net, parts.opt, data.x_train[rows], data.y_train[rows], parts.weights, cfg, data.mean,
-                          data.std, parts.gen, run.device, parts.dtype, parts.scaler, shard=(run.rank, run.world))
+                          data.std, parts.gen, run.device, parts.dtype, parts.scaler, shard=(run.rank, run.world),
+                          flip=None if flips is None else flips[rows])
         if loss is None:
             done = f"epoch {epoch} in {run.out} is intact" if epoch > 0 else "no checkpoint was written"
             raise EelabError(f"loss became nan at epoch {epoch + 1} step {step + 1}; the last good checkpoint "
                              f"({done}); lower --lr or use --precision fp32")
         parts.sched.step()
+        if parts.ema is not None:
+            update_ema(parts.ema, parts.model, cfg.ema)
         loss_sum += loss
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.3f}")
     return loss_sum / parts.steps
+
+
+def alternate_flips(n: int, epoch: int, seed: int) -> torch.Tensor:
+    """Which of n training images --flip alternate flips in an epoch: bool [n], a seeded half of them in epoch 0
+    and every image in every other epoch (each one alternates), so no image goes unflipped or flipped for long."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed + 3)) < 0.5
+    return first ^ bool(epoch % 2)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model, for every float parameter and buffer; other buffers (batch counts)
+    copied."""
+    for (name, e), v in zip(ema.state_dict().items(), model.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(v.detach(), 1 - decay)
+        else:
+            e.copy_(v)
 
 
 def _train_mode(model: MultiExitNet, heads_only: bool, frozen_heads: Sequence[int] = ()) -> None:
@@ -667,7 +770,7 @@ def _evaluate_exits(model: MultiExitNet, data: _Data, device: torch.device, dtyp
 def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: list[dict], epochs_done: int) -> None:
     """Write the checkpoint and the state a resume continues from; refused (the last good checkpoint kept) when a
     weight or a figure of this epoch is not finite."""
-    bad = next((k for k, v in parts.model.state_dict().items()
+    bad = next((k for k, v in parts.kept.state_dict().items()
                 if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     row = history[-1] if history else {}
     figures = [v for v in row.values() for v in (v if isinstance(v, list) else [v]) if isinstance(v, float)]
@@ -680,7 +783,9 @@ def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: lis
              "model": {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()},
              "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict(),
              "generator": parts.gen.get_state(), "torch_rng": torch.get_rng_state()}
-    save_checkpoint(run.out, parts.model, ckpt_cfg, history, state, run.half_weights)
+    if parts.ema is not None:
+        state["ema"] = {k: v.detach().cpu().clone() for k, v in parts.ema.state_dict().items()}
+    save_checkpoint(run.out, parts.kept, ckpt_cfg, history, state, run.half_weights)
 
 
 def _world() -> tuple[int, int, int]:

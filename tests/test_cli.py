@@ -100,13 +100,14 @@ def test_installed_command_runs_without_traceback(tmp_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-# every flag each subcommand had before the options were generated (eelab train --help of the old code)
+# every flag each subcommand has (train: the flags of the old code before the options were generated, then the
+# fast recipe's of issue #14)
 OLD_FLAGS = {
     "train": "--model --dataset --epochs --out --batch-size --optimizer --lr --weight-decay --schedule "
              "--label-smoothing --loss-weights --distill --distill-temperature --heads-only --plain --init --objective "
              "--cost-weight --train-samples --cal-size --no-augment --precision --seed --head --head-hidden --dropout "
              "--widths --exits-after --exits-schedule --num-exits --image-size --threads --half-weights --resume "
-             "--quiet --json --overwrite",
+             "--quiet --json --overwrite --momentum --bn-lr-scale --ema --whiten --translate --flip",
     "record": "--split --out --limit --batch-size --precision --threads --quiet --json --overwrite",
     "evaluate": "--policy --param --cal --save-policy --json --overwrite",
     "sweep": "--policy --cal --json",

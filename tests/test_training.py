@@ -199,3 +199,80 @@ def test_resume_refuses_a_changed_config_and_takes_the_original_one(tmp_path, ti
     assert _same(before, _weights(tmp_path / "r"))
     with pytest.raises(EelabError, match="nothing to resume"):
         train(cfg, tmp_path / "none", resume=True, progress=False)
+
+
+# ---- the fast recipe's options (issue #14): any model can use them; ee_airnet is built for them -------------------
+def test_triangle_schedule_warms_up_then_decays():
+    f = [training.triangle(step, total_steps=100) for step in range(101)]
+    assert f[0] == pytest.approx(0.2) and f[23] == pytest.approx(1.0) and f[100] == pytest.approx(0.07)
+    assert all(a < b for a, b in zip(f[:23], f[1:24])) and all(a > b for a, b in zip(f[23:100], f[24:]))
+
+
+def test_alternate_flips_flip_each_image_every_other_epoch():
+    e0, e1, e2 = (training.alternate_flips(1000, epoch, seed=0) for epoch in range(3))
+    assert torch.equal(e0, ~e1) and torch.equal(e0, e2) and 400 < int(e0.sum()) < 600
+    assert not torch.equal(e0, training.alternate_flips(1000, 0, seed=1))
+
+
+def test_update_ema_hand_computed():
+    model, ema = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        ema.weight.fill_(1.0)
+    model.num_batches_tracked.fill_(7)
+    training.update_ema(ema, model, decay=0.75)
+    assert ema.weight.tolist() == [1.5, 1.5] and int(ema.num_batches_tracked) == 7  # 0.75 x 1 + 0.25 x 3
+
+
+def test_whitening_makes_the_patch_covariance_the_identity():
+    from eelab.models import ModelConfig, build_model
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, 1, 16, 16, generator=g)
+    images = (255 * torch.cat([base, 0.5 * base + 0.5 * torch.rand(64, 1, 16, 16, generator=g),
+                               torch.rand(64, 1, 16, 16, generator=g)], 1)).to(torch.uint8)  # correlated channels
+    model = build_model(ModelConfig(name="ee_airnet", widths=(8, 16, 16)))
+    conv = training.whiten_first_conv(model, images, [0.5] * 3, [0.25] * 3, eps=0.0)
+    assert conv.out_channels == 24 and not conv.weight.requires_grad and conv.bias.requires_grad
+    from eelab.data import prepare
+
+    x = prepare(images, [0.5] * 3, [0.25] * 3).double()
+    out = torch.nn.functional.conv2d(x, conv.weight.double())[:, :12]  # the 12 whitened channels
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    torch.testing.assert_close(flat.T @ flat / flat.shape[0], torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
+    with pytest.raises(EelabError, match="--whiten needs a first conv"):
+        training.whiten_first_conv(build_model(ModelConfig(name="tiny_cnn", widths=(4, 8))), images, [0.5] * 3,
+                                   [0.25] * 3)
+
+
+def test_ee_airnet_exits_sit_along_its_cost():
+    from eelab.models import ModelConfig, build_model, measure_costs
+
+    costs, full = measure_costs(build_model(ModelConfig(name="ee_airnet")), (3, 32, 32))
+    share = (costs / full).tolist()
+    assert 110e6 < full < 125e6  # about airbench94's 118 M MACs
+    assert all(abs(a - b) < 0.02 for a, b in zip(share, [0.19, 0.47, 0.71, 1.0])), share  # the issue's 20/45/70/100
+
+
+def test_the_fast_recipe_trains_resumes_and_saves_the_average(tmp_path, tiny_folder):
+    from eelab.models import ModelConfig
+
+    cfg = tiny_config(tiny_folder, model=ModelConfig(name="ee_airnet", widths=(8, 16, 16), head_hidden=8),
+                      image_size=16, epochs=3, whiten=True, ema=0.8, flip="alternate", translate=2,
+                      schedule="triangle", bn_lr_scale=4.0, momentum=0.85, label_smoothing=0.2)
+    train(cfg, tmp_path / "full", progress=False)
+    state = torch.load(tmp_path / "full" / "state.pt", weights_only=True)
+    saved = _weights(tmp_path / "full")
+    assert _same(saved, {k: v for k, v in state["ema"].items()})  # the checkpoint is the weight average
+    assert not _same(saved, state["model"])
+    first = "stages.0.0.weight"
+    assert torch.equal(state["model"][first], state["ema"][first])  # the whitening conv stayed as initialised
+
+    def crash_after_first_epoch(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callback=crash_after_first_epoch)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _same(saved, _weights(tmp_path / "cut"))

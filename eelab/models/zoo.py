@@ -5,6 +5,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import EelabError
@@ -17,7 +18,7 @@ class ModelConfig:
     """Arguments of a model factory; stored in config.json so a checkpoint rebuilds its own network."""
 
     name: str = field(default="ee_cnn", metadata={
-        "flag": "--model", "help": "factory name (FACTORIES): ee_cnn, ee_resnet18, tiny_cnn, or a torchvision "
+        "flag": "--model", "help": "factory name (FACTORIES): ee_cnn, ee_airnet, ee_resnet18, tiny_cnn, or a torchvision "
                                    "classifier (resnet18..152, vgg11..19[_bn], densenet121..201, mobilenet_v2)"})
     num_classes: int = field(default=10, metadata={"derived": True})    # from the dataset
     in_channels: int = field(default=3, metadata={"derived": True})     # from the dataset
@@ -173,6 +174,68 @@ def ee_resnet18(cfg: ModelConfig) -> MultiExitNet:
     return net
 
 
+class _Scale(nn.Module):
+    """Multiplies its input by a constant (airbench's scaled-down classifier output)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _air_bn(width: int) -> nn.BatchNorm2d:
+    """airbench's batch norm: fast running statistics (PyTorch momentum 0.4), a fixed scale of one, a learned
+    shift (the trainer's --bn-lr-scale speeds the shifts up)."""
+    bn = nn.BatchNorm2d(width, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def _air_conv(cin: int, cout: int) -> nn.Conv2d:
+    """A 3x3 'same' conv whose first cin filters start as the identity (dirac): an implicit residual."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(cin, cout)])
+    return conv
+
+
+AIRNET_WIDTHS = (64, 256, 256)
+
+
+def ee_airnet(cfg: ModelConfig) -> MultiExitNet:
+    """A fast CIFAR network with four exits, after airbench94 (K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a
+    single GPU", 2024), itself from hlb-CIFAR10 (T. Balsam) and the ResNet-9 of D. Page's DAWNBench work.
+
+    A 2x2 conv of 2 x 3 x 2 x 2 = 24 channels (whitened from training patches with `eelab train --whiten`), then
+    three conv groups (conv3x3, max-pool 2, BN, GELU, conv3x3, BN, GELU) of widths cfg.widths (default 64, 256,
+    256; ee_cnn's four-width default means this default), the last one pooled by 3x3 max-pool into a Linear
+    classifier scaled by 1/9. Exits: after group 1, after the first half of group 2, after group 2, and the
+    classifier, at about 19 / 47 / 71 / 100 % of the plain network's 118 M MACs on 32x32 images; earlier exits are
+    make_head(cfg.head) heads. Conv filters start dirac (identity) where shapes allow; BN scales are fixed at one.
+    """
+    widths = AIRNET_WIDTHS if cfg.widths == ModelConfig().widths else tuple(cfg.widths)
+    if len(widths) != 3:
+        raise EelabError(f"ee_airnet has three conv groups and needs three widths, got {list(widths)}; use e.g. "
+                         "--widths 64,256,256")
+    w1, w2, w3 = widths
+    whiten = 2 * cfg.in_channels * 2 * 2
+    act = nn.GELU
+    stages = [
+        nn.Sequential(nn.Conv2d(cfg.in_channels, whiten, 2, padding=0, bias=True), act(),
+                      _air_conv(whiten, w1), nn.MaxPool2d(2), _air_bn(w1), act(), _air_conv(w1, w1), _air_bn(w1),
+                      act()),
+        nn.Sequential(_air_conv(w1, w2), nn.MaxPool2d(2), _air_bn(w2), act()),
+        nn.Sequential(_air_conv(w2, w2), _air_bn(w2), act()),
+        nn.Sequential(_air_conv(w2, w3), nn.MaxPool2d(2), _air_bn(w3), act(), _air_conv(w3, w3), _air_bn(w3), act()),
+    ]
+    heads = [make_head(cfg.head, w, cfg.num_classes, cfg.head_hidden, cfg.dropout) for w in (w1, w2, w2)]
+    heads.append(nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, cfg.num_classes, bias=False),
+                               _Scale(1 / 9)))
+    return MultiExitNet(stages, heads)
+
+
 # torchvision classifiers eelab cuts into exits (torchvision.models.<name>)
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                          "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
@@ -232,6 +295,7 @@ def torchvision_backbone(cfg: ModelConfig) -> MultiExitNet:
 FACTORIES: dict[str, Callable[[ModelConfig], MultiExitNet]] = {
     "ee_cnn": ee_cnn,
     "ee_resnet18": ee_resnet18,
+    "ee_airnet": ee_airnet,
     "tiny_cnn": tiny_cnn,
     "tiny_cnn_nobn": tiny_cnn_nobn,
     **{name: torchvision_backbone for name in TORCHVISION_BACKBONES},
