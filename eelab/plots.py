@@ -450,10 +450,7 @@ def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: 
     """
     width = _width(size)
     with plt.rc_context(_STYLE):
-        if width < 5:
-            fig, (reward, exits) = plt.subplots(2, 1, figsize=(width, width * 1.2), layout="constrained")
-        else:
-            fig, (reward, exits) = plt.subplots(1, 2, figsize=(width, width * 0.4), layout="constrained")
+        fig, (reward, exits) = _two_panels(width, stacked=1.2, side=0.4)
         final, colors = {}, []
         for i, (name, rows) in enumerate(traces.items()):
             if not rows:
@@ -484,10 +481,7 @@ def plot_split(table: pd.DataFrame, title: str | None = None, size: str | float 
     """
     width = _width(size)
     with plt.rc_context(_STYLE):
-        if width < 5:
-            fig, (left, right) = plt.subplots(2, 1, figsize=(width, width * 1.35), layout="constrained")
-        else:
-            fig, (left, right) = plt.subplots(1, 2, figsize=(width, width * 0.42), layout="constrained")
+        fig, (left, right) = _two_panels(width, stacked=1.35, side=0.42)
         k = table["split_after"].to_numpy()
         left.bar(k, table["local_share"], color="#BBBBBB", edgecolor="black", lw=0.4, label="answered on the device")
         left.set_ylim(0, 1)
@@ -638,6 +632,14 @@ def _panels(n: int, width: float, sharey: bool = False) -> tuple[Figure, list[An
     for ax in axes[n:]:
         fig.delaxes(ax)
     return fig, axes[:n], ncols
+
+
+def _two_panels(width: float, stacked: float, side: float) -> tuple[Figure, Any]:
+    """Two panels: stacked in a column-wide figure (height stacked x width), side by side in a wider one
+    (height side x width)."""
+    if width < 5:
+        return plt.subplots(2, 1, figsize=(width, width * stacked), layout="constrained")
+    return plt.subplots(1, 2, figsize=(width, width * side), layout="constrained")
 
 
 def _finish_panels(fig: Figure, axes: list[Any], ncols: int, width: float, xlabel: str, ylabel: str,
