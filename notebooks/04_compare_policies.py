@@ -104,7 +104,8 @@ risk
 # %%
 target = workbench.target_accuracy(cal, TOLERANCE)
 matched = workbench.operating_points(grids, accuracy=target)
-tables.show_table(matched)
+tables.show_table(matched, columns=["policy", "label", "accuracy", "compute_saved", "mean_macs", "cal_accuracy",
+                                     "rel_ms"])
 
 # %%
 points = workbench.matched_points(grids, accuracy=target)
