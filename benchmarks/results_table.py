@@ -2,7 +2,7 @@
 every policy at matched accuracy (fitted on cal, reported on test) with its compute saved in MACs and in the
 exit-index measure, beside what the published systems report (theirs, on the original CIFAR-10).
 
-Run: python benchmarks/results_table.py CAL TEST [--tolerance 0.01] [--policies threshold,risk,...]
+Run: python benchmarks/results_table.py CAL TEST [--tolerance 0.01] [--headline 0.005] [--policies threshold,...]
                                                  [--cache runs/fitted]
 e.g. python benchmarks/results_table.py checkpoints/ee_cnn-cifar10-jpeg/{cal,test}.pt
 """
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("test", help="test exit record (every reported figure comes from here)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="matched accuracy: the last exit's cal accuracy minus this (default 0.01)")
+    parser.add_argument("--headline", type=float, default=0.005,
+                        help="the reference's headline: a max-prob threshold fitted on cal to stay within this of "
+                             "the last exit's cal accuracy, against the oracle at equal accuracy (default 0.005)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated families (default: all)")
     parser.add_argument("--cache", help="folder of fitted policies to reuse (e.g. runs/fitted, as notebook 04)")
     args = parser.parse_args()
@@ -47,6 +50,9 @@ def main() -> None:
     matched = workbench.operating_points(grids, accuracy=target)
     exits = workbench.exit_table(cal, test)
     theirs = workbench.PUBLISHED["early-exit-cnn"]
+    # the published system whose per-exit figures sit beside this model's (airbench94 beside ee_airnet)
+    beside = workbench.PUBLISHED["airbench94" if test.meta.get("model") == "ee_airnet" else "early-exit-cnn"]
+    beside_name = "airbench94" if beside is not theirs else "early-exit-cnn"
     ceed = workbench.PUBLISHED["ceed-eenn"]
     meta = test.meta
 
@@ -64,10 +70,23 @@ def main() -> None:
         "MACs / plain": [pct(r) for r in exits["rel_macs"]],
         "cal accuracy": [pct(a) for a in exits["cal_accuracy"]],
         "test accuracy": [pct(a) for a in exits["test_accuracy"]],
-        "early-exit-cnn, theirs (CIFAR-10)": [pct(a) for a in theirs["exit_accuracy"][:len(exits)]]
-        + ["-"] * max(0, len(exits) - len(theirs["exit_accuracy"])),
+        f"{beside_name}, theirs (CIFAR-10)": [pct(a) for a in beside["exit_accuracy"][:len(exits)]]
+        + ["-"] * max(0, len(exits) - len(beside["exit_accuracy"])),
     })
     print(markdown(per_exit) + "\n")
+    if "threshold" in grids:
+        row = workbench.matched_point(grids["threshold"], accuracy=workbench.target_accuracy(cal, args.headline))
+        if row is None:
+            print(f"**Headline**: no max-prob threshold stays within {100 * args.headline:g} points of the last "
+                  "exit on cal.\n")
+        else:
+            head = workbench.against_oracle(grids["threshold"], row)
+            print(f"**Headline**: the max-prob threshold fitted on cal to stay within {100 * args.headline:g} "
+                  f"points of the last exit's cal accuracy (`{grids['threshold'].table.at[row, 'label']}`) reaches "
+                  f"{pct(head['accuracy'], digits=2)} on test (last exit {pct(exits['test_accuracy'].iloc[-1], digits=2)}) "
+                  f"and saves **{pct(head['compute_saved'])}** of the plain network's MACs; the oracle frontier at "
+                  f"the same test accuracy saves {pct(head['oracle_compute_saved'])}, so the threshold reaches "
+                  f"{pct(head['oracle_share'])} of the oracle's saving.\n")
     print(f"**Each policy at matched accuracy**: its cheapest grid point whose cal accuracy is at least the last "
           f"exit's cal accuracy minus {100 * args.tolerance:g} percentage point{'' if args.tolerance == 0.01 else 's'} "
           f"({pct(target, digits=2)}). Compute saved is shown in "
@@ -91,6 +110,10 @@ def main() -> None:
         {"system": theirs["source"], "accuracy": pct(theirs["accuracy"], digits=2),
          "saved, exit index": f"{100 * theirs['block_index_saving']:.1f}% (their \"compute saved\")",
          "saved, MACs or time": "not reported", "effectiveness": f"{theirs['effectiveness_block_index']:.2f} (exit index)"},
+        *([{"system": beside["source"], "accuracy": f"{pct(beside['accuracy'], digits=2)} (with flip test-time "
+                                                     f"augmentation: {pct(beside['tta_accuracy'], digits=2)})",
+            "saved, exit index": "one exit", "saved, MACs or time": f"{beside['macs'] / 1e6:.0f} M MACs",
+            "effectiveness": "-"}] if beside is not theirs else []),
         {"system": ceed["source"], "accuracy": f"{pct(ceed['accuracy'], digits=2)} (plain ResNet-50: "
                                                f"{pct(ceed['plain_accuracy'], digits=2)})",
          "saved, exit index": "not reported",
@@ -100,7 +123,8 @@ def main() -> None:
     ])
     print(markdown(published))
     print(f"\n_Generated by `python benchmarks/results_table.py {args.cal} {args.test}"
-          f"{f' --tolerance {args.tolerance:g}' if args.tolerance != 0.01 else ''}`._")
+          f"{f' --tolerance {args.tolerance:g}' if args.tolerance != 0.01 else ''}"
+          f"{f' --headline {args.headline:g}' if args.headline != 0.005 else ''}`._")
 
 
 if __name__ == "__main__":

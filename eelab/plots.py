@@ -219,6 +219,42 @@ def plot_exit_profile(table: pd.DataFrame, published: Sequence[float] | None = N
     return _closed(fig)
 
 
+def plot_reference_exits(table: pd.DataFrame, published: Mapping[str, tuple[float, float]] | None = None,
+                         size: str | float = "column") -> Figure:
+    """Test accuracy against MACs of every exit of several networks, one line each, each point labelled with its
+    exit: references side by side on one cost scale.
+
+    table: rows reference, exit, macs, test_accuracy (workbench.reference_table); published: {label: (MACs,
+    accuracy)} someone else reports, drawn as crosses labelled as theirs. size: "column", "page" or inches.
+    """
+    width = _width(size)
+    names = list(dict.fromkeys(table["reference"]))
+    looks = [("#4477AA", "o", "-"), ("#EE6677", "s", (0, (5, 2))), ("#228833", "^", (0, (1, 1.5))),
+             ("#CCBB44", "D", (0, (5, 2, 1, 2)))]
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(width, width * (0.72 if width < 5 else 0.4)), layout="constrained")
+        for i, name in enumerate(names):
+            rows = table[table["reference"] == name]
+            color, marker, line = looks[i % len(looks)]
+            ax.plot(rows["macs"] / 1e6, rows["test_accuracy"], color=color, marker=marker, linestyle=line,
+                    label=str(name))
+        for j, (label, (macs, acc)) in enumerate((published or {}).items()):
+            ax.plot([macs / 1e6], [acc], "x" if j % 2 == 0 else "+", color="black", ms=6, mew=1.3,
+                    linestyle="none", label=label)
+        ax.set_xlabel("MACs per image to the exit (M)")
+        ax.set_ylabel("test accuracy")
+        ax.set_xlim(left=0)
+        _ticks(ax, x="num", y="pct")
+        for i, name in enumerate(names):  # exit numbers: above-left of the first line's points, below-right after
+            rows = table[table["reference"] == name]
+            up = i % 2 == 0
+            for x, y, e in zip(rows["macs"] / 1e6, rows["test_accuracy"], rows["exit"]):
+                ax.annotate(f"{int(e)}", (x, y), textcoords="offset points", xytext=(-4, 4) if up else (5, -5),
+                            ha="right" if up else "left", va="bottom" if up else "top", fontsize=7)
+        _legend_below(fig, ax, width)
+    return _closed(fig)
+
+
 def plot_class_heatmap(table: pd.DataFrame, title: str | None = None, fmt: str = ".0%",
                        cmap: str = "viridis", size: str | float | None = None) -> Figure:
     """A heatmap of a classes x columns table of fractions (per-class accuracy by policy, or exit fractions).
@@ -697,6 +733,7 @@ def _wrap(text: str, width: float, fontsize: float = 8) -> str:
     return "\n".join(textwrap.wrap(text, chars))
 
 
-__all__ = ["FAMILY_STYLES", "SIZES", "export_figure", "plot_class_heatmap", "plot_confidence", "plot_dqn_training", "plot_examples",
-           "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reliability", "plot_risk",
+__all__ = ["FAMILY_STYLES", "SIZES", "export_figure", "plot_class_heatmap", "plot_confidence", "plot_dqn_training",
+           "plot_examples", "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reference_exits",
+           "plot_reliability", "plot_risk",
            "plot_sensitivity", "plot_split", "plot_training", "plotly_style", "policy_family", "policy_style"]

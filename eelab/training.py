@@ -75,6 +75,9 @@ class TrainConfig:
                             choices=LR_SCHEDULES)
     bn_lr_scale: float = _option(1.0, "learning-rate factor of batch-norm parameters, their weight decay divided "
                                       "by it so its pull stays the same (airbench: 64)", metavar="FACTOR")
+    head_lr_scale: float = _option(1.0, "learning-rate factor of the early exits' heads (every head but the "
+                                        "last's): heads that a large backbone rate (e.g. airbench's) would throw "
+                                        "off train at a smaller one", metavar="FACTOR")
     ema: float = _option(0.0, "decay of an exponential moving average of the weights, updated every step, which "
                               "is evaluated and saved as the checkpoint (0: off; e.g. 0.99)", metavar="DECAY")
     whiten: bool = _option(False, "initialise the first conv of stage 0 to whiten training patches (its weights "
@@ -137,6 +140,7 @@ class TrainConfig:
             ("cost_weight", self.cost_weight >= 0, "at least 0"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("bn_lr_scale", self.bn_lr_scale > 0, "above 0"),
+            ("head_lr_scale", self.head_lr_scale > 0, "above 0"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
             ("translate", self.translate >= 0, "at least 0"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (eelab offsets it for its generators, which "
@@ -589,11 +593,15 @@ def _optimizer(cfg: TrainConfig, model: MultiExitNet, total_steps: int
     """The optimizer over the trainable parameters and its learning-rate schedule over total_steps."""
     lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR[cfg.optimizer]
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in norm],
-               "lr": lr, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.requires_grad and id(p) in norm],
-               "lr": lr * cfg.bn_lr_scale, "weight_decay": cfg.weight_decay / cfg.bn_lr_scale}]
-    groups = [g for g in groups if g["params"]]
+    early = {id(p) for h in model.heads[:-1] for p in h.parameters()}
+    groups = []  # (batch norm?, early head?): lr x bn_lr_scale and/or x head_lr_scale; batch norm's decay / its factor
+    for is_norm, is_head in ((False, False), (True, False), (False, True), (True, True)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in norm) == is_norm
+                  and (id(p) in early) == is_head]
+        bn = cfg.bn_lr_scale if is_norm else 1.0
+        if params:
+            groups.append({"params": params, "lr": lr * bn * (cfg.head_lr_scale if is_head else 1.0),
+                           "weight_decay": cfg.weight_decay / bn})
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     else:

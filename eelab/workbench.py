@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import EelabError
 from .metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier
 from .policies import score_logits
-from .records import ExitRecord
+from .records import ExitRecord, load_records
 from .sweep import HEADLINE, PolicyGrid
 from .__version__ import __version__
 
@@ -34,11 +34,42 @@ PUBLISHED = {
         "accuracy": 0.8877, "block_index_saving": 0.399, "effectiveness_block_index": 35.38,
         "exit_accuracy": [0.642, 0.843, 0.889, 0.889],
     },
+    "airbench94": {
+        "source": "airbench94 (K. Jordan, 2024), one exit, 9.9 epochs on the 50,000 training images",
+        "accuracy": 0.932, "tta_accuracy": 0.940, "macs": 118e6,
+        "exit_accuracy": [math.nan, math.nan, math.nan, 0.932],
+    },
     "ceed-eenn": {
         "source": "CEED authors, EENN ResNet-50 on CIFAR-10, batch 1 on a Ryzen CPU",
         "accuracy": 0.9103, "ms": 14.8, "plain_accuracy": 0.9465, "plain_ms": 30.0,
     },
 }
+
+# The committed references, checkpoints/<folder>: "strong" (ee_airnet, the notebooks' default) and "ee_cnn", the
+# seed project's EE-CNN kept as its faithful reproduction; and the published system each is shown beside.
+REFERENCES = {"strong": "ee_airnet-cifar10-jpeg", "ee_cnn": "ee_cnn-cifar10-jpeg"}
+REFERENCE_PUBLISHED = {"strong": "airbench94", "ee_cnn": "early-exit-cnn"}
+
+
+def reference_checkpoint(name: str, root: str | Path = "checkpoints") -> Path:
+    """The checkpoint directory of the committed reference `name` (REFERENCES) under root."""
+    if name not in REFERENCES:
+        raise EelabError(f"unknown reference {name!r}; use one of {', '.join(REFERENCES)}, or set EELAB_CHECKPOINT "
+                         "to a checkpoint directory")
+    return Path(root) / REFERENCES[name]
+
+
+def reference_table(checkpoints: Mapping[str, str | Path], limit: int | None = None) -> pd.DataFrame:
+    """Checkpoints side by side, one row per (checkpoint, exit): reference, exit, macs, rel_macs, cal_accuracy,
+    test_accuracy (exit_table of each checkpoint's cal.pt and test.pt; limit as load_records)."""
+    parts = []
+    for name, path in checkpoints.items():
+        table = exit_table(*load_records(path, limit=limit))
+        table.insert(0, "reference", name)
+        parts.append(table)
+    if not parts:
+        raise EelabError("reference_table needs at least one checkpoint")
+    return pd.concat(parts, ignore_index=True)
 
 
 def cost_range(grid: PolicyGrid, x: str = "rel_macs") -> tuple[float, float]:
@@ -93,6 +124,19 @@ def matched_point(grid: PolicyGrid, accuracy: float | None = None, budget: float
     if ok.empty:
         return None
     return int(ok.sort_values(["cal_accuracy", "cal_rel_macs"], ascending=[False, True], kind="stable").index[0])
+
+
+def against_oracle(grid: PolicyGrid, row: int) -> dict[str, float]:
+    """A grid point's test accuracy and compute saved beside the oracle frontier's at equal test accuracy: the
+    oracle's compute saved there (its cheapest point at least as accurate) and the share of it the point
+    reaches (its saving / the oracle's; NaN when the oracle saves nothing there)."""
+    point = grid.table.loc[row]
+    oracle = oracle_frontier(grid.test)
+    reach = oracle[oracle["accuracy"] >= float(point["accuracy"]) - 1e-12]
+    oracle_saved = float(reach["compute_saved"].max()) if not reach.empty else math.nan
+    share = float(point["compute_saved"]) / oracle_saved if oracle_saved > 0 else math.nan
+    return {"accuracy": float(point["accuracy"]), "compute_saved": float(point["compute_saved"]),
+            "oracle_compute_saved": oracle_saved, "oracle_share": share}
 
 
 def target_accuracy(cal: ExitRecord, tolerance: float = 0.01) -> float:
@@ -389,7 +433,8 @@ def _git_state(folder: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
-__all__ = ["Examples", "PUBLISHED", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
+__all__ = ["Examples", "PUBLISHED", "against_oracle", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
            "export_manifest", "find_examples", "frontier_areas", "grid_identity", "matched_point", "matched_points",
-           "operating_points", "oracle_points", "record_identity", "reliability_bins", "risk_table",
+           "operating_points", "oracle_points", "record_identity", "REFERENCE_PUBLISHED", "REFERENCES",
+           "reference_checkpoint", "reference_table", "reliability_bins", "risk_table",
            "sensitivity_table", "split_table", "summarize_policies", "target_accuracy", "with_progress"]

@@ -22,7 +22,8 @@
 # with the exit each took. The **train** button trains a new run into `runs/NAME/` (git-ignored) and
 # records it there.
 #
-# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# Everything this notebook can change is in the next cell. `REFERENCE` picks the committed reference (the
+# strong ee_airnet by default, or the seed project's ee_cnn); `EELAB_CHECKPOINT` points it at another
 # checkpoint directory; `EELAB_SMOKE=1` is the quick run the tests use.
 
 # %% tags=["parameters"]
@@ -33,7 +34,8 @@ from eelab import plots, tables, widgets, workbench
 from eelab.records import load_records
 from eelab.sweep import precompute_grid
 
-CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+REFERENCE = os.environ.get("EELAB_REFERENCE", "strong")  # committed reference: "strong" (ee_airnet) or "ee_cnn"
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_checkpoint(REFERENCE, "../checkpoints"))
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples and examples
 RUNS = "../runs"                   # where the train button writes new runs (git-ignored)
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
@@ -42,7 +44,8 @@ LIMIT = 2000 if SMOKE else None    # a seeded random subset of LIMIT samples of 
 EXAMPLE_POLICY = {"threshold": 0.9}  # the max-prob threshold policy the example images are decided with
 N_EXAMPLES = 8 if SMOKE else 24
 THRESHOLD_POINTS = 12 if SMOKE else None  # thin the threshold grid to this many points (None: all)
-PUBLISHED = workbench.PUBLISHED["early-exit-cnn"]  # their per-exit accuracies, on the original CIFAR-10
+# the published system the reference is shown beside (none for a checkpoint of your own), on the original CIFAR-10
+PUBLISHED = None if os.environ.get("EELAB_CHECKPOINT") else workbench.REFERENCE_PUBLISHED[REFERENCE]
 
 # %% [markdown]
 # ## Train (optional)
@@ -61,8 +64,10 @@ trainer
 #
 # The cells below read `trainer.checkpoint`: the reference, or your run once it has trained (re-run them
 # then). Costs are measured MACs to reach each exit, heads on the way included, relative to the plain
-# network (the same backbone with only its last head). The crosses are the early-exit-cnn project's
-# published per-exit accuracies: theirs, on the original CIFAR-10, not on this JPEG copy.
+# network (the same backbone with only its last head). The crosses are the published accuracies of the
+# system the reference follows (the early-exit-cnn project's per exit for ee_cnn; airbench94's one exit,
+# without test-time augmentation, for the strong reference): theirs, on the original CIFAR-10, not on this
+# JPEG copy.
 
 # %%
 checkpoint = trainer.checkpoint
@@ -71,9 +76,29 @@ exits = workbench.exit_table(cal, test)
 tables.show_table(exits)
 
 # %%
-profile_figure = plots.plot_exit_profile(exits, published=PUBLISHED["exit_accuracy"],
-                                         published_label="early-exit-cnn (theirs, CIFAR-10)")
+profile_figure = plots.plot_exit_profile(
+    exits, published=workbench.PUBLISHED[PUBLISHED]["exit_accuracy"] if PUBLISHED else None,
+    published_label=f"{PUBLISHED} (theirs, CIFAR-10)")
 profile_figure
+
+# %% [markdown]
+# ## The two references side by side
+#
+# The strong reference (ee_airnet: a fast airbench-style network with four exits, trained in about 20
+# minutes on two CPU cores) and the seed project's EE-CNN, kept as its faithful reproduction: every exit's
+# test accuracy against the MACs it costs, on one scale. The cross is airbench94's published single exit.
+
+# %%
+references = workbench.with_progress(
+    "loading both references' records", workbench.reference_table,
+    {name: workbench.reference_checkpoint(name, "../checkpoints") for name in workbench.REFERENCES}, limit=LIMIT)
+tables.show_table(references)
+
+# %%
+references_figure = plots.plot_reference_exits(
+    references, published={"airbench94 (theirs, CIFAR-10)": (workbench.PUBLISHED["airbench94"]["macs"],
+                                                             workbench.PUBLISHED["airbench94"]["accuracy"])})
+references_figure
 
 # %% [markdown]
 # ## A first exit policy: the max-prob threshold
@@ -118,7 +143,8 @@ examples_figure
 
 # %%
 exporter = widgets.ExportControl(first_policy, {"exit_profile": profile_figure, "training": training_figure,
-                                               "examples": examples_figure, "exits": exits},
+                                               "examples": examples_figure, "exits": exits,
+                                               "references": references_figure, "reference_exits": references},
                                  folder=FIGURES, prefix="01_", records=[cal, test], checkpoint=checkpoint)
 exporter
 

@@ -23,7 +23,8 @@
 # test, so the slider redraws at once. Beside it, the max-prob threshold policy the gates must beat, and the
 # oracle frontier (a bound: it reads the labels). The gates' own MACs are charged to their cost.
 #
-# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# Everything this notebook can change is in the next cell. `REFERENCE` picks the committed reference (the
+# strong ee_airnet by default, or the seed project's ee_cnn); `EELAB_CHECKPOINT` points it at another
 # checkpoint directory (with `cal.pt` and `test.pt`); `EELAB_SMOKE=1` is the quick run the tests use.
 
 # %% tags=["parameters"]
@@ -33,7 +34,8 @@ from eelab import plots, tables, widgets, workbench
 from eelab.records import load_records
 from eelab.sweep import precompute_grid
 
-CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+REFERENCE = os.environ.get("EELAB_REFERENCE", "strong")  # committed reference: "strong" (ee_airnet) or "ee_cnn"
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_checkpoint(REFERENCE, "../checkpoints"))
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, alphas and seeds
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)

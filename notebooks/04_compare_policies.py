@@ -21,7 +21,8 @@
 # cal record and scored on the test record; every operating point is computed once below, so the controls
 # redraw at once. Then risk control with its guarantee, per-class behaviour, calibration, and a summary table.
 #
-# Everything this notebook can change is in the next cell. `EELAB_CHECKPOINT` points it at another
+# Everything this notebook can change is in the next cell. `REFERENCE` picks the committed reference (the
+# strong ee_airnet by default, or the seed project's ee_cnn); `EELAB_CHECKPOINT` points it at another
 # checkpoint directory (with `cal.pt` and `test.pt`); `EELAB_SMOKE=1` is the quick run the tests use.
 
 # %% tags=["parameters"]
@@ -32,7 +33,8 @@ from eelab import plots, tables, widgets, workbench
 from eelab.records import latency_record, load_records
 from eelab.sweep import precompute_grid, precompute_grids
 
-CHECKPOINT = os.environ.get("EELAB_CHECKPOINT", "../checkpoints/ee_cnn-cifar10-jpeg")
+REFERENCE = os.environ.get("EELAB_REFERENCE", "strong")  # committed reference: "strong" (ee_airnet) or "ee_cnn"
+CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_checkpoint(REFERENCE, "../checkpoints"))
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, thinner grids
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)

@@ -72,6 +72,16 @@ def _figure(name: str, size: str, d) -> plt.Figure:
     if name == "exit_profile":
         return plots.plot_exit_profile(workbench.exit_table(cal, test), published=workbench.PUBLISHED[
             "early-exit-cnn"]["exit_accuracy"], published_label="published (CIFAR-10)", size=size)
+    if name == "exit_profile_strong":  # the strong reference's crosses: airbench94's one (last) exit
+        return plots.plot_exit_profile(workbench.exit_table(cal, test), published=workbench.PUBLISHED[
+            "airbench94"]["exit_accuracy"], published_label="airbench94 (theirs, CIFAR-10)", size=size)
+    if name == "references":
+        table = workbench.reference_table({n: CHECKPOINT.parent / f for n, f in workbench.REFERENCES.items()},
+                                          limit=1000)
+        air = workbench.PUBLISHED["airbench94"]
+        return plots.plot_reference_exits(table, published={"airbench94 (theirs, CIFAR-10)": (air["macs"],
+                                                                                           air["accuracy"])},
+                                          size=size)
     if name == "training":
         return plots.plot_training(read_history(CHECKPOINT), size=size)
     if name == "examples":
@@ -121,7 +131,7 @@ def _figure(name: str, size: str, d) -> plt.Figure:
     raise KeyError(name)
 
 
-FIGURES = ["exit_profile", "training", "examples", "examples_missing", "frontiers", "frontiers_latency",
+FIGURES = ["exit_profile", "exit_profile_strong", "references", "training", "examples", "examples_missing", "frontiers", "frontiers_latency",
            "exit_distribution", "sensitivity", "sensitivity_threshold", "class_accuracy", "class_exits",
            "dqn_training", "risk", "split", "confidence", "reliability"]
 

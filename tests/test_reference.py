@@ -1,4 +1,4 @@
-"""The committed reference checkpoint and its records agree with each other and with a fresh recording."""
+"""The committed reference checkpoints and their records agree with each other and with a fresh recording."""
 import json
 import os
 from pathlib import Path
@@ -9,11 +9,20 @@ import torch
 import eelab.data as data
 from eelab.records import load_record, record_checkpoint, summarize_records
 
-REF = Path(__file__).resolve().parent.parent / "checkpoints" / "ee_cnn-cifar10-jpeg"
-pytestmark = pytest.mark.skipif(not (REF / "model.pt").exists(), reason="no committed reference checkpoint")
+from eelab.workbench import REFERENCES
+
+ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+# every committed reference (workbench.REFERENCES), the strong one first
+pytestmark = pytest.mark.parametrize("REF", [ROOT / folder for folder in REFERENCES.values()],
+                                     ids=list(REFERENCES))
 
 
-def test_committed_records_match_their_summary_and_checkpoint():
+def test_every_reference_is_committed(REF):
+    assert (REF / "model.pt").exists() and (REF / "cal.pt").exists() and (REF / "test.pt").exists()
+    assert (REF / "history.json").exists() and (REF / "summary.json").exists()
+
+
+def test_committed_records_match_their_summary_and_checkpoint(REF):
     cal, test = load_record(REF / "cal.pt"), load_record(REF / "test.pt")
     assert cal.logits.shape == (5000, 4, 10) and test.logits.shape == (10000, 4, 10)
     summary = json.loads((REF / "summary.json").read_text())
@@ -24,7 +33,7 @@ def test_committed_records_match_their_summary_and_checkpoint():
     assert test.meta["checkpoint_sha256"] == sha256_file(REF / "model.pt") == cal.meta["checkpoint_sha256"]
 
 
-def test_re_recording_a_slice_matches_test_pt(monkeypatch):
+def test_re_recording_a_slice_matches_test_pt(REF, monkeypatch):
     if data._find(["cifar10-jpeg", "cifar10-jpeg.tar.gz"]) is None and \
             not (data._SHARED / "cifar10-jpeg.tar.gz").exists():
         pytest.skip("cifar10-jpeg is not on this machine")

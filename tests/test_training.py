@@ -276,3 +276,25 @@ def test_the_fast_recipe_trains_resumes_and_saves_the_average(tmp_path, tiny_fol
         train(cfg, tmp_path / "cut", progress=False, callback=crash_after_first_epoch)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
     assert _same(saved, _weights(tmp_path / "cut"))
+
+
+def test_learning_rate_groups_scale_batch_norm_and_early_heads():
+    from eelab.models import ModelConfig, build_model
+    from eelab.training import TrainConfig, _optimizer
+
+    model = build_model(ModelConfig(name="ee_airnet", widths=(8, 16, 16), head="conv", head_hidden=8))
+    cfg = TrainConfig(model=ModelConfig(name="ee_airnet"), lr=0.1, weight_decay=1e-3, bn_lr_scale=4.0,
+                      head_lr_scale=0.25, schedule="cosine")  # cosine starts at the peak
+    opt, _ = _optimizer(cfg, model, 10)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(where) == len(trainable) == sum(len(g["params"]) for g in opt.param_groups)  # each in one group
+    bn_stage, bn_head = model.stages[1][2], model.heads[0][1]
+    assert isinstance(bn_stage, torch.nn.BatchNorm2d) and isinstance(bn_head, torch.nn.BatchNorm2d)
+    assert where[id(bn_stage.bias)] == pytest.approx((0.4, 2.5e-4))            # batch norm: x4, decay / 4
+    assert where[id(bn_head.bias)] == pytest.approx((0.1, 2.5e-4))             # and in an early head: x4 x 0.25
+    assert where[id(model.heads[0][-1].weight)] == pytest.approx((0.025, 1e-3))  # an early head's linear
+    assert where[id(model.heads[-1][2].weight)] == pytest.approx((0.1, 1e-3))    # the last exit: the backbone's rate
+    assert id(bn_stage.weight) not in where                                    # airbench's fixed scale is not trained
+    with pytest.raises(EelabError, match="--head-lr-scale must be above 0"):
+        TrainConfig(head_lr_scale=0.0)

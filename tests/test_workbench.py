@@ -119,6 +119,18 @@ def test_matched_points_by_hand():
     assert list(workbench.matched_points({"static": g}, accuracy=0.9)) == []
 
 
+def test_against_oracle_by_hand():
+    # right at exits 0/1/2: sample 0 all, sample 1 from exit 1, sample 2 only at exit 2, sample 3 only at exit 0
+    g = precompute_grid("static", tiny_record(), tiny_record())
+    first = workbench.against_oracle(g, 0)       # exit 0: 0.5, mean 1 MAC of 3.5; the oracle's first point is it
+    assert first == pytest.approx({"accuracy": 0.5, "compute_saved": 1 - 1 / 3.5, "oracle_compute_saved": 1 - 1 / 3.5,
+                                   "oracle_share": 1.0})
+    assert workbench.against_oracle(g, 1)["oracle_share"] == pytest.approx((1 - 2 / 3.5) / (1 - 1 / 3.5))
+    last = workbench.against_oracle(g, 2)        # 0.75 at 4 MACs; the oracle moves sample 1 to exit 1: 1.25 MACs
+    assert last["oracle_compute_saved"] == pytest.approx(1 - 1.25 / 3.5)
+    assert last["oracle_share"] == pytest.approx((1 - 4 / 3.5) / (1 - 1.25 / 3.5))
+
+
 def test_latency_record_prices_exits_in_ms():
     rec = tiny_record()
     profile = {"stages": [{"cumulative_ms": 0.5}, {"cumulative_ms": 1.0}, {"cumulative_ms": 2.0}], "plain_ms": 1.75,
