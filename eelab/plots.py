@@ -243,6 +243,7 @@ def plot_reference_exits(table: pd.DataFrame, published: Mapping[str, tuple[floa
                     linestyle="none", label=label)
         ax.set_xlabel("MACs per image to the exit (M)")
         ax.set_ylabel("test accuracy")
+        ax.margins(y=0.14)  # room for the exit numbers above and below the outermost points
         ax.set_xlim(left=0)
         _ticks(ax, x="num", y="pct")
         for i, name in enumerate(names):  # exit numbers: above-left of the first line's points, below-right after
