@@ -7,7 +7,10 @@ Every policy is fitted on CAL and scored on TEST; each learned family sweeps its
 bound, not a policy). MACs include the gates' and Q-network's own. The area of a step frontier grows with
 the number of points, so each learned policy is also compared point by point: at each of its Pareto points,
 its accuracy minus the best threshold accuracy at no more MACs. Then: how much accuracy and compute saved
-move between nearby alphas (LEENet reports jumps), and the DQN's operating point per cost weight.
+move between nearby alphas (LEENet reports jumps), and the DQN's operating point per cost weight. Ensembled
+exits (eelab.ensemble, Zero Time Waste): one ensemble per seed fitted on that seed's half of cal, the threshold
+grid fitted on the other half, with the plain threshold on the same half beside it, and what the ensembles
+change per exit on test (accuracy, ECE).
 
 Run: python benchmarks/learned_policies.py [CAL TEST] [--seeds 3] [--synthetic] [--threads N]
 CAL and TEST default to checkpoints/ee_cnn-cifar10-jpeg/cal.pt and test.pt; records with learned
@@ -26,7 +29,9 @@ import torch
 
 import pandas as pd
 
-from eelab.metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier, pareto_front
+from eelab.ensemble import fit_ensemble, split_cal
+from eelab.metrics import (area_under_frontier, evaluate, exit_calibration, frontier_range, oracle_frontier,
+                           pareto_front)
 from eelab.policies import AlphaPolicy, DQNPolicy, default_grid, fit_alpha_grid
 from eelab.records import ExitRecord, check_same_model, load_record
 from eelab.testing import random_record
@@ -135,6 +140,26 @@ def main() -> None:
             learned_tables[(name, seed)] = table
         rows.append((name, len(areas), len(default_grid(name, cal)), areas, [a - reference for a in areas],
                      (gaps, above), statistics.mean(per_point)))
+    # ensembled exits: fitted on a seeded half of cal, the threshold on the other half; the same half without the
+    # ensemble says how much of any difference is the halved cal rather than the ensemble
+    calibration = {"plain": exit_calibration(test), "ensembled": []}
+    for label in ("threshold, other half of cal only", "ensemble + threshold (halves of cal)"):
+        areas, per_point, gaps, above = [], [], [], []
+        for seed in seeds:
+            ens = fit_ensemble(cal, seed=seed)
+            half = split_cal(cal, seed)[1]
+            ens_cal, ens_test = (ens.apply(cal), ens.apply(test)) if label.startswith("ensemble") else (half, test)
+            if label.startswith("ensemble"):
+                calibration["ensembled"].append(exit_calibration(ens_test))
+            points = default_grid("threshold", ens_cal)
+            area, seconds, table = time_sweep("threshold", ens_cal, ens_test, points)
+            gap, frac = matched_gap(table, reference_points)
+            areas.append(area)
+            per_point.append(seconds / len(points))
+            gaps.append(gap)
+            above.append(frac)
+        rows.append((label, len(areas), len(points), areas, [a - reference for a in areas], (gaps, above),
+                     statistics.mean(per_point)))
     start = time.perf_counter()
     AlphaPolicy(alpha=0.5).fit(cal)
     one_alpha = time.perf_counter() - start
@@ -142,19 +167,26 @@ def main() -> None:
     DQNPolicy().fit(cal)
     one_dqn = time.perf_counter() - start
 
-    print(f"{'policy':<33} {'seeds':>5} {'points':>6}  {'area under frontier':<34} {'area - best threshold':<36} "
+    print(f"{'policy':<37} {'seeds':>5} {'points':>6}  {'area under frontier':<34} {'area - best threshold':<36} "
           f"{'fit s/point':>11}")
     for label, n, points, areas, diff, _, seconds in rows:
         text = summarise(areas) if len(areas) > 1 else f"{areas[0]:.4f}"
         gap = "" if diff is None else summarise(diff)
         fit = "-" if seconds is None else f"{seconds:.3f}"
-        print(f"{label:<33} {n:>5} {points:>6}  {text:<34} {gap:<36} {fit:>11}")
-    print("\nat the same MACs, over each learned policy's Pareto points: its accuracy minus the best threshold "
-          "accuracy (either threshold family) at no more MACs")
-    print(f"{'policy':<8} {'mean accuracy gap':<36} {'share of points above thresholds':<36}")
+        print(f"{label:<37} {n:>5} {points:>6}  {text:<34} {gap:<36} {fit:>11}")
+    print("(the two half-of-cal rows: seeds are splits of cal; the ensemble's combination MACs are counted)")
+    print("\nat the same MACs, over each policy's Pareto points: its accuracy minus the best threshold accuracy "
+          "(either threshold family, fitted on all of cal) at no more MACs")
+    print(f"{'policy':<37} {'mean accuracy gap':<36} {'share of points above thresholds':<36}")
     for label, _, _, _, _, matched, _ in rows:
         if matched is not None:
-            print(f"{label:<8} {summarise(matched[0]):<36} {summarise(matched[1]):<36}")
+            print(f"{label:<37} {summarise(matched[0]):<36} {summarise(matched[1]):<36}")
+    print(f"\nper exit on test, plain against ensembled (mean over {len(seeds)} ensembles; exit 0 has nothing to "
+          "combine with: its ensemble is a temperature and a class bias)")
+    for key, name in (("accuracy", "accuracy"), ("ece", "ECE (15 bins)")):
+        ens_mean = [statistics.mean(c[key][k] for c in calibration["ensembled"]) for k in range(test.k)]
+        print(f"{name:<14} plain     " + "  ".join(f"{v:.4f}" for v in calibration["plain"][key]))
+        print(f"{name:<14} ensembled " + "  ".join(f"{v:.4f}" for v in ens_mean))
     print(f"\none fit on the {cal.n}-sample cal record: alpha {one_alpha:.2f} s, dqn {one_dqn:.2f} s (wall, default "
           f"parameters); the alpha sweep fits its grid in one batched run")
 

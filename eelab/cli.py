@@ -39,6 +39,8 @@ _THREADS = _shared("--threads", type=int, metavar="N", help="torch CPU threads")
 _JSON = _shared("--json", action="store_true", help="print the result as JSON on stdout")
 _QUIET = _shared("--quiet", action="store_true", help="no progress bars")
 _CAL = _shared("--cal", help="cal record to fit on (default: cal.pt beside RECORD)")
+_ENSEMBLE = _shared("--ensemble", metavar="FILE", help="exit ensemble file (eelab ensemble) to combine the exits with; "
+                                                      "cal rows it was fitted on are left out of any policy fit")
 _OVERWRITE = _shared("--overwrite", action="store_true", help="replace what the output path holds (another run, or a "
                                                               "file of another kind)")
 
@@ -198,10 +200,60 @@ def _run_record(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- ensemble
+
+def _add_ensemble(sub) -> None:
+    p = _subcommand(sub, _run_ensemble, _JSON, _OVERWRITE)
+    p.add_argument("cal", help="cal record to fit on (eelab record ... --split cal)")
+    p.add_argument("--out", required=True, help="ensemble file to write (e.g. ensemble.pt)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cal split (default 0)")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of cal the ensemble is fitted on, in (0, 1) "
+                                                               "(default 0.5; the policies get the rest)")
+
+
+def _run_ensemble(a: argparse.Namespace) -> int:
+    """fit ensembled exits (Zero Time Waste) on part of a cal record
+
+    Exit k then answers with a weighted sum of the log-probabilities of exits 0..k plus a per-class bias, the
+    weights >= 0 fitted on a seeded part of CAL (--fraction). Pass the file as --ensemble to evaluate, sweep,
+    predict and bench: cal rows it was fitted on are left out of every policy fit, so risk control's guarantee
+    is computed on data the ensemble never saw. Prints per exit, on the held-out part of cal, the accuracy and
+    calibration error before and after.
+    """
+    from .ensemble import fit_ensemble, split_cal
+    from .files import check_output
+    from .metrics import exit_calibration
+    from .records import load_record
+
+    check_output(a.out, "exit ensemble", a.overwrite)  # before the fit, not after it
+    cal = load_record(a.cal)
+    if "ensemble_sha256" in cal.meta:
+        raise EelabError(f"{a.cal} is already ensembled; fit on the plain cal record")
+    ens = fit_ensemble(cal, seed=a.seed, fraction=a.fraction)
+    held = split_cal(cal, a.seed, a.fraction)[1]
+    rows = [{"records": name, **exit_calibration(rec)} for name, rec in (("plain", held), ("ensembled", ens.apply(held)))]
+    ens.save(a.out, overwrite=a.overwrite)
+    out = {"out": str(a.out), "sha256": ens.sha256, "fit_rows": int(ens.fit_indices.numel()),
+           "policy_rows": held.n, "weights": ens.weights.tolist(), "held_out": rows}
+    if a.json:
+        _print_json(out)
+        return 0
+    print(f"{a.out}: ensemble {ens.sha256[:12]} fitted on {out['fit_rows']} cal rows (seed {a.seed}); policies fit "
+          f"on the other {held.n}")
+    print("weights w[k, j] (exit k's share of exit j's log-probabilities):")
+    for k, row in enumerate(ens.weights.tolist()):
+        print(f"  exit {k}: " + " ".join(f"{v:.3f}" for v in row[:k + 1]))
+    print(f"on the {held.n} held-out cal rows  " + "  ".join(f"exit {k}" for k in range(ens.k)))
+    for r in rows:
+        print(f"  accuracy {r['records']:>9}: " + "  ".join(f"{v:.4f}" for v in r["accuracy"]))
+        print(f"  ECE      {r['records']:>9}: " + "  ".join(f"{v:.4f}" for v in r["ece"]))
+    return 0
+
+
 # ----------------------------------------------------------------------------- evaluate, sweep
 
 def _add_evaluate(sub) -> None:
-    p = _subcommand(sub, _run_evaluate, _CAL, _JSON, _OVERWRITE)
+    p = _subcommand(sub, _run_evaluate, _CAL, _ENSEMBLE, _JSON, _OVERWRITE)
     p.add_argument("record", help="exit record to evaluate on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help=f"policy name ({_policy_names()}) or a saved policy file")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -210,7 +262,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    p = _subcommand(sub, _run_sweep, _CAL, _JSON)
+    p = _subcommand(sub, _run_sweep, _CAL, _ENSEMBLE, _JSON)
     p.add_argument("record", help="exit record to score on (eelab record ... --split test)")
     p.add_argument("--policy", required=True, help=f"policy name: {_policy_names()}")
 
@@ -228,8 +280,9 @@ def _policy_params(pairs: list[str]) -> dict[str, str]:
     return params
 
 
-def _load_cal(record_path: str, cal_path: str | None, record):
-    """The cal record (--cal, or cal.pt beside RECORD), checked to come from the same model as RECORD."""
+def _load_cal(record_path: str, cal_path: str | None, record, ensemble=None):
+    """The cal record (--cal, or cal.pt beside RECORD), checked to come from the same model as RECORD; with an
+    ensemble, its ensembled part that the ensemble was not fitted on."""
     from .records import check_same_model, load_record
 
     path = Path(cal_path) if cal_path else Path(record_path).parent / "cal.pt"
@@ -237,8 +290,24 @@ def _load_cal(record_path: str, cal_path: str | None, record):
         raise EelabError(f"cal record {path} does not exist; record it with `eelab record CHECKPOINT --split cal "
                          f"--out {path}` or pass --cal FILE")
     cal = load_record(path)
+    if ensemble is not None:
+        ensemble.check_record(cal, f"cal record {path}")
+        cal = ensemble.apply(cal)
     check_same_model(record, cal, f"record {record_path}", f"cal record {path}")
     return cal, path
+
+
+def _load_record(path: str, ensemble_path: str | None):
+    """(RECORD, the ensemble or None): with --ensemble, the record ensembled by it."""
+    from .ensemble import load_ensemble
+    from .records import load_record
+
+    record = load_record(path)
+    if ensemble_path is None:
+        return record, None
+    ensemble = load_ensemble(ensemble_path)
+    ensemble.check_record(record, f"record {path}")
+    return ensemble.apply(record), ensemble
 
 
 def _run_evaluate(a: argparse.Namespace) -> int:
@@ -247,19 +316,19 @@ def _run_evaluate(a: argparse.Namespace) -> int:
     Fit the policy on the cal record (where it learns anything), decide on RECORD, and report accuracy, compute
     saved, exit fractions and more.
     """
+    from .ensemble import check_ensemble_match
     from .files import check_output
     from .metrics import evaluate
     from .policies import POLICIES, make_policy
-    from .records import load_record
 
     if a.save_policy:  # before the fit, so a bad path never costs the result
         check_output(a.save_policy, "policy file", a.overwrite, option="--save-policy")
-    record = load_record(a.record)
+    record, ensemble = _load_record(a.record, a.ensemble)
     policy = make_policy(a.policy, **_policy_params(a.param))
     cal_path = None
     if a.policy in POLICIES:
         if policy.needs_fit() or a.cal:
-            cal, cal_path = _load_cal(a.record, a.cal, record)
+            cal, cal_path = _load_cal(a.record, a.cal, record, ensemble)
             policy.fit(cal)
     elif a.cal:
         raise EelabError(f"policy file {a.policy} is already fitted; drop --cal, or give a policy name to refit")
@@ -268,8 +337,12 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         if fitted_on and ours and fitted_on != ours:
             raise EelabError(f"policy file {a.policy} was fitted on checkpoint {fitted_on[:12]}, the record comes "
                              f"from {ours[:12]}; refit it on this model's cal record")
+        if policy.info:
+            check_ensemble_match(policy.info.get("ensemble_sha256"), record.meta.get("ensemble_sha256"),
+                                 f"policy file {a.policy}")
     exits = policy.decide(record)
-    out = {"record": str(a.record), "cal": None if cal_path is None else str(cal_path), "policy": policy.name,
+    out = {"record": str(a.record), "cal": None if cal_path is None else str(cal_path),
+           "ensemble": record.meta.get("ensemble_sha256"), "policy": policy.name,
            "params": policy.params, "label": policy.describe(), **{f"fitted_{k}": v for k, v in policy.summary().items()},
            **evaluate(record, exits, overhead=policy.overhead_macs(record.k, record.c))}
     if hasattr(policy, "guarantee") and policy.fitted:
@@ -304,13 +377,12 @@ def _run_sweep(a: argparse.Namespace) -> int:
     """
     from .metrics import area_under_frontier, frontier_range, oracle_frontier, pareto_front
     from .policies import POLICIES
-    from .records import load_record
     from .sweep import sweep
 
     if a.policy not in POLICIES:
         raise EelabError(f"sweep needs a policy name, one of {', '.join(POLICIES)}; got {a.policy!r}")
-    record = load_record(a.record)
-    cal, cal_path = _load_cal(a.record, a.cal, record)
+    record, ensemble = _load_record(a.record, a.ensemble)
+    cal, cal_path = _load_cal(a.record, a.cal, record, ensemble)
     table = sweep(a.policy, cal, record)
     front = pareto_front(table)
     lo, hi = frontier_range(record)
@@ -318,6 +390,7 @@ def _run_sweep(a: argparse.Namespace) -> int:
     oracle_area = area_under_frontier(oracle_frontier(record), lo, hi)
     if a.json:
         _print_json(_json_safe({"record": str(a.record), "cal": str(cal_path), "policy": a.policy,
+                                "ensemble": record.meta.get("ensemble_sha256"),
                                 "range": [lo, hi], "area_under_frontier": area,
                                 "oracle_area_under_frontier": oracle_area, "pareto": front.index.tolist(),
                                 "points": table.to_dict("records")}))
@@ -353,6 +426,8 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                                     "max-prob >= 0.9); a name that must be fitted is fitted on cal.pt in the "
                                     "checkpoint directory")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, repeatable")
+    p.add_argument("--ensemble", metavar="FILE", help="exit ensemble file (eelab ensemble): each exit answers with the "
+                                                      "combination of exits 0..k")
     _add_precision_option(p)
 
 
@@ -399,10 +474,11 @@ def _run_predict(a: argparse.Namespace) -> int:
     from .inference import EarlyExitPredictor
 
     pred = _noted(a, lambda: EarlyExitPredictor.from_checkpoint(a.checkpoint, a.policy, _policy_params(a.param),
-                                                                precision=a.precision))
+                                                                precision=a.precision, ensemble=a.ensemble))
     results = pred.stream_files(a.images, batch=a.batch)
     if a.json:
         _print_json({"checkpoint": a.checkpoint, "policy": pred.policy.describe(), "precision": pred.precision,
+                     "ensemble": None if pred.ensemble is None else pred.ensemble.sha256,
                      "predictions": [r.to_dict() for r in results]})
         return 0
     for r in results:
@@ -435,13 +511,14 @@ def _run_bench(a: argparse.Namespace) -> int:
         raise EelabError("--rounds, --images, --batch and --batch-images must be at least 1")
     r = _noted(a, lambda: benchmark_inference(a.checkpoint, a.policy, _policy_params(a.param), n_latency=a.images,
                                               n_throughput=a.batch_images, batch=a.batch, rounds=a.rounds,
-                                              precision=a.precision, stream=a.stream))
+                                              precision=a.precision, stream=a.stream, ensemble=a.ensemble))
     if a.json:
         _print_json(_json_safe(r))
         return 0
     b1 = r["batch1"]
-    print(f"{r['policy']} on {r['checkpoint']} ({r['threads']} threads, {r['precision']}, median of {r['rounds']} "
-          "alternating rounds)")
+    ensembled = f", exits ensembled by {r['ensemble'][:12]}" if r.get("ensemble") else ""
+    print(f"{r['policy']} on {r['checkpoint']} ({r['threads']} threads, {r['precision']}{ensembled}, median of "
+          f"{r['rounds']} alternating rounds)")
     print(f"batch 1:   plain {b1['plain_ms_per_image']:.2f} ms/image, early exit {b1['early_ms_per_image']:.2f} "
           f"ms/image: time saved {b1['time_saving']:+.3f}, MACs predict {b1['mac_saving']:+.3f}")
     for key in (f"batch{a.batch}", f"stream{a.batch}"):
@@ -593,7 +670,8 @@ def _run_figures(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 # Literal list of subcommands, in the order `eelab --help` shows them.
-_SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_evaluate, _add_sweep, _add_predict, _add_bench,
+_SUBCOMMANDS: list[Callable] = [_add_train, _add_record, _add_ensemble, _add_evaluate, _add_sweep, _add_predict,
+                                 _add_bench,
                                  _add_profile, _add_datasets, _add_export, _add_figures]
 
 

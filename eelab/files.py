@@ -142,6 +142,19 @@ def load_torch(path: str | Path, what: str, fix: str) -> Any:
         raise EelabError(f"{path} is not a readable {what} ({first[:120]}); {fix}") from None
 
 
+def load_tagged(path: str | Path, fmt: str, version: int, what: str, fix: str) -> dict[str, Any]:
+    """A torch file of eelab's own (a dict with format == fmt and a format_version in 1..version), read with
+    load_torch; one-line EelabError for a foreign file or a format this eelab cannot read."""
+    d = load_torch(path, what, fix)
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise EelabError(f"{path} is not an eelab {what}; {fix}")
+    found = d.get("format_version")
+    if not isinstance(found, int) or isinstance(found, bool) or not 1 <= found <= version:
+        raise EelabError(f"{path} has {what} format version {found!r}, this eelab reads up to {version}; upgrade "
+                         f"eelab or {fix}")
+    return d
+
+
 def load_json(path: str | Path, what: str, fix: str) -> Any:
     """Read JSON with one-line errors for a missing or malformed file."""
     path = Path(path)
@@ -153,7 +166,7 @@ def load_json(path: str | Path, what: str, fix: str) -> Any:
         raise EelabError(f"{path} is not valid JSON ({e}); {fix}") from None
 
 
-_KINDS = {"eelab.exit_record": "exit record", "eelab.policy": "policy file"}
+_KINDS = {"eelab.exit_record": "exit record", "eelab.policy": "policy file", "eelab.exit_ensemble": "exit ensemble"}
 
 
 def file_kind(path: str | Path) -> str:

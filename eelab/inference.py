@@ -20,6 +20,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import check_image_path, load_dataset, load_image, prepare
 from .device import cast_for_inference, cast_input, inference_precision
+from .ensemble import ExitEnsemble, check_ensemble_match, load_ensemble
 from .errors import EelabError
 from .files import sha256_file
 from .metrics import charged_costs
@@ -69,11 +70,12 @@ def precision_note(policy: Policy, precision: str) -> str | None:
 
 
 def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | None = None,
-                   params: dict[str, Any] | None = None) -> Policy:
+                   params: dict[str, Any] | None = None, ensemble: ExitEnsemble | None = None) -> Policy:
     """A ready-to-decide policy: a Policy, a saved policy file, or a registry name (+ params).
 
-    A named policy that must be fitted is fitted on `cal.pt` in the checkpoint directory when it is there.
-    None means the default threshold policy (max-prob >= 0.9).
+    A named policy that must be fitted is fitted on `cal.pt` in the checkpoint directory when it is there (with
+    an ensemble: on the ensembled part of cal the ensemble was not fitted on). None means the default threshold
+    policy (max-prob >= 0.9).
     """
     if isinstance(policy, Policy):
         return policy
@@ -92,7 +94,7 @@ def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | 
                              f"policy file")
         cal_record = load_record(cal)
         check_record_of(cal_record, checkpoint, str(cal))  # e.g. a cal.pt left beside a model trained later
-        pol.fit(cal_record)
+        pol.fit(cal_record if ensemble is None else ensemble.apply(cal_record))
     return pol
 
 
@@ -106,8 +108,15 @@ class EarlyExitPredictor:
     """
 
     def __init__(self, model: MultiExitNet, config: dict[str, Any], policy: Policy,
-                 device: str | torch.device = "cpu", precision: str = "fp32"):
+                 device: str | torch.device = "cpu", precision: str = "fp32", ensemble: ExitEnsemble | None = None):
         self.device = torch.device(device)
+        self.ensemble = ensemble
+        if ensemble is not None and (ensemble.k != model.num_exits or ensemble.c != len(config["class_names"])):
+            raise EelabError(f"the ensemble was fitted on K={ensemble.k} exits and C={ensemble.c} classes, this model "
+                             f"has K={model.num_exits}, C={len(config['class_names'])}; fit one on its cal record")
+        if policy.info:  # a fitted policy decides on the outputs it was fitted on: plain or this ensemble's
+            check_ensemble_match(policy.info.get("ensemble_sha256"), ensemble.sha256 if ensemble else None,
+                                 f"policy {policy.name}")
         self.precision = inference_precision(precision, self.device)
         self.model = cast_for_inference(model.eval().to(device), self.precision)
         self.config = config
@@ -116,8 +125,10 @@ class EarlyExitPredictor:
         if note:
             warnings.warn(note, PrecisionNote, stacklevel=2)
         # MACs a sample leaving at exit k spends: the network's, plus the policy's own (a gate, a Q-network)
-        self.costs = charged_costs(torch.tensor(config["costs"], dtype=torch.float64),
-                                   policy.overhead_macs(model.num_exits, len(config["class_names"])))
+        costs = torch.tensor(config["costs"], dtype=torch.float64)
+        if ensemble is not None:  # the combination's multiply-adds, as the ensembled record counts them
+            costs = costs + ensemble.extra_macs()
+        self.costs = charged_costs(costs, policy.overhead_macs(model.num_exits, len(config["class_names"])))
         self.class_names: list[str] = list(config["class_names"])
         policy.check_exits(model.num_exits)
         self._checked = policy
@@ -128,10 +139,20 @@ class EarlyExitPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, policy: str | Path | Policy | None = None,
                         params: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                        precision: str = "fp32") -> "EarlyExitPredictor":
-        """Load a checkpoint directory and a policy (name, saved file or Policy; see resolve_policy)."""
+                        precision: str = "fp32", ensemble: str | Path | ExitEnsemble | None = None
+                        ) -> "EarlyExitPredictor":
+        """Load a checkpoint directory, a policy (name, saved file or Policy; see resolve_policy) and optionally
+        an exit ensemble (file or ExitEnsemble) fitted on this checkpoint."""
         model, cfg = load_checkpoint(path, device)
-        return cls(model, cfg, resolve_policy(policy, path, params), device, precision)
+        if ensemble is not None and not isinstance(ensemble, ExitEnsemble):
+            ensemble = load_ensemble(ensemble)
+        if ensemble is not None:
+            fitted_on = ensemble.info.get("checkpoint_sha256")
+            ours = sha256_file(Path(path) / "model.pt")
+            if fitted_on and fitted_on != ours:
+                raise EelabError(f"the ensemble was fitted on checkpoint {fitted_on[:12]}, not on {path} ({ours[:12]}); "
+                                 f"fit one on this checkpoint's cal record")
+        return cls(model, cfg, resolve_policy(policy, path, params, ensemble), device, precision, ensemble)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, ch, H, W] -> the model's input on its device, normalised, in its precision."""
@@ -151,7 +172,7 @@ class EarlyExitPredictor:
         stop (at batch 1 nothing is gathered: the image runs on until it stops).
         """
         x = self._prepare(images)
-        live = {"rows": None, "h": x}
+        live: dict[str, Any] = {"rows": None, "h": x, "past": None}
         wants_confidence = "confidences" in self.policy.INPUTS
 
         def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -159,9 +180,13 @@ class EarlyExitPredictor:
             if live["rows"] is not None and rows.numel() != live["rows"].numel():
                 keep = torch.isin(live["rows"], rows)
                 live["h"] = live["h"][keep.to(live["h"].device)]
+                if live["past"] is not None:
+                    live["past"] = live["past"][keep]
             live["rows"] = rows
             live["h"] = self.model.forward_stage(k, live["h"])
             logits = self.model.forward_head(k, live["h"]).float().cpu()
+            if self.ensemble is not None:  # exit k's answer combines exits 0..k (each row keeps its own past)
+                logits, live["past"] = self.ensemble.combine(k, logits, live["past"])
             if wants_confidence:  # a learned confidence branch, computed here like a head
                 return logits, {"confidences": self.model.forward_confidence(k, live["h"]).float().cpu()}
             return logits
@@ -194,7 +219,7 @@ class EarlyExitPredictor:
         for t, x in enumerate(_batches(images, batch)):
             ids = torch.arange(start, start + x.shape[0])
             start += x.shape[0]
-            queues[0].put(ids, torch.full_like(ids, t), self._prepare(x), None)
+            queues[0].put(ids, torch.full_like(ids, t), self._prepare(x), None, None)
             self._drain(queues, batch, t - wait, done, trace)
             while emitted in done:
                 yield self._exited(emitted, done.pop(emitted))
@@ -223,9 +248,11 @@ class EarlyExitPredictor:
             if trace is not None:
                 trace({"stage": k, "rows": rows, "queued": [len(q) for q in queues],
                        "queued_bytes": sum(q.nbytes() for q in queues)})
-            ids, born, h, state = queues[k].take(rows)
+            ids, born, h, state, past = queues[k].take(rows)
             h = self.model.forward_stage(k, h)
             logits = self.model.forward_head(k, h).float().cpu()
+            if self.ensemble is not None:  # the ensemble's past log-probs travel with their images, like state
+                logits, past = self.ensemble.combine(k, logits, past)
             if k == len(queues) - 1:  # at the last exit every sample stops
                 stop = torch.ones(rows, dtype=torch.bool)
             else:
@@ -236,7 +263,8 @@ class EarlyExitPredictor:
                 done[i] = (k, row)
             if not bool(stop.all()):
                 go = ~stop
-                queues[k + 1].put(ids[go], born[go], h[go.to(h.device)], state_rows(state, go))
+                queues[k + 1].put(ids[go], born[go], h[go.to(h.device)], state_rows(state, go),
+                                  None if past is None else past[go])
 
     def stream_files(self, paths: Iterable[str | Path], batch: int = 256) -> Iterator[Prediction]:
         """Streamed early exit over image files, decoded lazily as the queues need them -> Prediction per file."""
@@ -254,19 +282,22 @@ class EarlyExitPredictor:
         return list(self.stream_files(paths, batch))
 
 
+Past = torch.Tensor | None  # an ensemble's log-probs of the exits an image passed [n, k, C], or None
+
+
 class _Queue:
     """Rows waiting in front of one stage, oldest first, in parts: (ids [n], born [n] input batch, h [n, ...],
-    policy state rows)."""
+    policy state rows, ensemble past rows)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, State, Past]] = []
         self.rows = 0
 
     def __len__(self) -> int:
         return self.rows
 
-    def put(self, ids: torch.Tensor, born: torch.Tensor, h: torch.Tensor, state: State) -> None:
-        self.parts.append((ids, born, h, state))
+    def put(self, ids: torch.Tensor, born: torch.Tensor, h: torch.Tensor, state: State, past: Past) -> None:
+        self.parts.append((ids, born, h, state, past))
         self.rows += ids.numel()
 
     def oldest(self) -> int:
@@ -275,18 +306,20 @@ class _Queue:
 
     def nbytes(self) -> int:
         """Bytes of the activations waiting here (what the stream's memory bound is about)."""
-        return sum(h.numel() * h.element_size() for _, _, h, _ in self.parts)
+        return sum(h.numel() * h.element_size() for _, _, h, _, _ in self.parts)
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State, Past]:
         """The n oldest rows, concatenated (a part is split when only some of its rows are taken)."""
         taken, got = [], 0
         while got < n:
-            ids, born, h, state = self.parts.pop(0)
+            ids, born, h, state, past = self.parts.pop(0)
             m = min(n - got, ids.numel())
             if m < ids.numel():  # leave the rest in front
-                self.parts.insert(0, (ids[m:], born[m:], h[m:], state_rows(state, slice(m, None))))
+                self.parts.insert(0, (ids[m:], born[m:], h[m:], state_rows(state, slice(m, None)),
+                                      None if past is None else past[m:]))
                 ids, born, h, state = ids[:m], born[:m], h[:m], state_rows(state, slice(0, m))
-            taken.append((ids, born, h, state))
+                past = None if past is None else past[:m]
+            taken.append((ids, born, h, state, past))
             got += m
         self.rows -= n
         if len(taken) == 1:
@@ -296,8 +329,9 @@ class _Queue:
             raise EelabError("the policy returned state for some batches and None for others at the same exit; "
                              "return state consistently")
         state = None if states[0] is None else {key: torch.cat([s[key] for s in states]) for key in states[0]}
+        past = None if taken[0][4] is None else torch.cat([p[4] for p in taken])
         return (torch.cat([p[0] for p in taken]), torch.cat([p[1] for p in taken]),
-                torch.cat([p[2] for p in taken]), state)
+                torch.cat([p[2] for p in taken]), state, past)
 
 
 def _batches(images: Iterable[torch.Tensor], batch: int) -> Iterator[torch.Tensor]:
@@ -337,7 +371,7 @@ def _median_seconds(fn: Callable[[], Any], rounds: int, warmup: int = 0) -> floa
 def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | None = None,
                         params: dict[str, Any] | None = None, n_latency: int = 200, n_throughput: int = 2048,
                         batch: int = 256, rounds: int = 5, progress: bool = False, precision: str = "fp32",
-                        stream: bool = False) -> dict[str, Any]:
+                        stream: bool = False, ensemble: str | Path | ExitEnsemble | None = None) -> dict[str, Any]:
     """Wall clock of the plain network (last exit only, no intermediate heads) against early exit.
 
     Latency per image at batch 1 over the first n_latency test images (n_latency=0 skips it), throughput at
@@ -346,7 +380,7 @@ def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | No
     `rounds`), same threads, layout and precision. Each entry has the MAC saving the policy predicts on the
     same images beside the measured time saving, and their ratio.
     """
-    pred = EarlyExitPredictor.from_checkpoint(checkpoint, policy, params, precision=precision)
+    pred = EarlyExitPredictor.from_checkpoint(checkpoint, policy, params, precision=precision, ensemble=ensemble)
     cfg, model = pred.config, pred.model
     ds = load_dataset(cfg["dataset"], cfg["train"].get("image_size"), progress=progress)
     lat_imgs, thr_imgs = ds.test_images[:n_latency], ds.test_images[:n_throughput]
@@ -378,7 +412,8 @@ def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | No
     mac_saving_b = 1 - float(pred.costs[exits_b].mean()) / full
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint), "policy": pred.policy.describe(), "threads": torch.get_num_threads(),
-        "rounds": rounds, "dataset": cfg["dataset"], "precision": pred.precision}
+        "rounds": rounds, "dataset": cfg["dataset"], "precision": pred.precision,
+        "ensemble": None if pred.ensemble is None else pred.ensemble.sha256}
     if n_latency:
         mac_saving_1 = 1 - float(pred.costs[pred.predict(lat_imgs)["exits"]].mean()) / full
         lat_p, lat_e = med["plain_1"] / lat_imgs.shape[0], med["early_1"] / lat_imgs.shape[0]

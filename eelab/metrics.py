@@ -141,6 +141,15 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return float(gap.abs().sum() / size.sum())
 
 
+def exit_calibration(record: ExitRecord, n_bins: int = 15) -> dict[str, list[float]]:
+    """Per exit, on all N samples: accuracy [K] and expected calibration error of the max softmax probability [K]
+    (fractions)."""
+    prob, pred = torch.softmax(record.logits, dim=-1).max(dim=-1)  # [N, K]
+    right = pred == record.labels[:, None]
+    return {"accuracy": right.double().mean(0).tolist(),
+            "ece": [expected_calibration_error(prob[:, k], right[:, k], n_bins) for k in range(record.k)]}
+
+
 def pareto_front(points: pd.DataFrame, x: str = "rel_macs", y: str = "accuracy") -> pd.DataFrame:
     """The rows no other row beats (lower or equal x and higher or equal y, one strictly), sorted by x."""
     ordered = points.sort_values(by=[x, y], ascending=[True, False], kind="stable")
@@ -292,6 +301,6 @@ def _safe(values: torch.Tensor) -> list[float | None]:
     return [None if v != v else float(v) for v in values.tolist()]
 
 
-__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "charged_costs", "evaluate", "exit_values",
+__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "charged_costs", "evaluate", "exit_calibration", "exit_values",
            "expected_calibration_error", "frontier_range", "headline_metrics", "oracle_exits", "oracle_frontier",
            "pareto_front", "sum_at_exits", "sum_at_shared_threshold"]

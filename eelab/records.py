@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .device import cast_for_inference, cast_input, inference_precision
 from .errors import EelabError
-from .files import check_output, load_torch, save_torch
+from .files import check_output, load_tagged, save_torch
 from .models import MultiExitNet
 
 FORMAT = "eelab.exit_record"
@@ -157,13 +157,8 @@ class ExitRecord:
     @classmethod
     def load(cls, path: str | Path) -> "ExitRecord":
         """Read a record; one-line EelabError for a missing, truncated, foreign or newer-format file."""
-        d = load_torch(path, "exit record", _FIX)
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise EelabError(f"{path} is not an eelab exit record; {_FIX}")
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise EelabError(f"{path} has exit-record format version {version!r}, this eelab reads up to "
-                             f"{FORMAT_VERSION}; upgrade eelab or {_FIX}")
+        d = load_tagged(path, FORMAT, FORMAT_VERSION, "exit record", _FIX)
+        version = d["format_version"]
         missing = [key for key in ("logits", "labels", "indices", "costs", "full_cost") if key not in d]
         if missing:
             raise EelabError(f"{path} lacks required field(s) {', '.join(missing)}; {_FIX}")
@@ -192,7 +187,13 @@ def load_record(path: str | Path) -> ExitRecord:
 
 
 def check_same_model(a: ExitRecord, b: ExitRecord, what_a: str = "record", what_b: str = "cal record") -> None:
-    """Raise a one-line EelabError unless two records come from the same model and checkpoint."""
+    """Raise a one-line EelabError unless two records come from the same model and checkpoint (and, where
+    ensembled, the same exit ensemble)."""
+    ea, eb = a.meta.get("ensemble_sha256"), b.meta.get("ensemble_sha256")
+    if ea != eb:  # plain and ensembled outputs (or two ensembles) never mix; checked first, as their costs differ too
+        show = [e[:12] if e else "none (plain)" for e in (ea, eb)]
+        raise EelabError(f"{what_a} and {what_b} are ensembled differently (ensemble {show[0]} vs {show[1]}); "
+                         f"apply the same ensemble file to both (--ensemble FILE)")
     if a.k != b.k or a.c != b.c or not torch.allclose(a.costs, b.costs) or a.full_cost != b.full_cost:
         raise EelabError(f"{what_a} and {what_b} come from different models (K={a.k}/{b.k}, C={a.c}/{b.c}, "
                          f"costs differ={not torch.allclose(a.costs, b.costs) if a.k == b.k else True}); "

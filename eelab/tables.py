@@ -41,6 +41,8 @@ _COLUMNS: dict[str, tuple[str, str]] = {
     "exit": ("exit", "int"), "split_after": ("split after", "int"), "count": ("count", "int"), "bin": ("bin", "int"),
     "bytes_fp32": ("fp32 (bytes)", "int"), "bytes_bf16": ("bf16 (bytes)", "int"), "bytes_int8": ("int8 (bytes)", "int"),
     "mean_bytes_fp32": ("fp32 sent (bytes)", "int"),
+    "accuracy_ensembled": ("ensembled accuracy (%)", "pct"), "accuracy_change": ("accuracy change (points)", "pct"),
+    "ece": ("ECE (%)", "pct"), "ece_ensembled": ("ensembled ECE (%)", "pct"),
 }
 
 

@@ -20,11 +20,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .ensemble import fit_ensemble
 from .errors import EelabError
-from .metrics import area_under_frontier, evaluate, frontier_range, oracle_frontier
+from .metrics import area_under_frontier, evaluate, exit_calibration, frontier_range, oracle_frontier
 from .policies import score_logits
 from .records import ExitRecord, load_records
-from .sweep import HEADLINE, PolicyGrid
+from .sweep import HEADLINE, PolicyGrid, precompute_grid
 from .__version__ import __version__
 
 # What the published systems report on the original CIFAR-10 (not cifar10-jpeg): theirs, quoted, not re-run.
@@ -104,6 +105,35 @@ def exit_table(cal: ExitRecord, test: ExitRecord) -> pd.DataFrame:
     return pd.DataFrame({"exit": list(range(test.k)), "macs": on_test["exit_macs"],
                          "rel_macs": [c / test.full_cost for c in on_test["exit_macs"]],
                          "cal_accuracy": on_cal["exit_accuracy"], "test_accuracy": on_test["exit_accuracy"]})
+
+
+def ensemble_runs(cal: ExitRecord, test: ExitRecord, seeds: Sequence[int], policy: str = "threshold",
+                  max_points: int | None = None, cache: str | Path | None = None, progress: bool = True
+                  ) -> list[dict[str, PolicyGrid]]:
+    """Ensembled exits, one run per seed: an exit ensemble fitted on the seed's half of cal, `policy`'s grid
+    fitted on the ensembled other half and scored on the ensembled test record -> [{"POLICY + ensemble": grid}],
+    ready for summarize_policies beside the plain runs (eelab.ensemble: which split each part uses)."""
+    runs = []
+    for seed in tqdm(list(seeds), desc="fitting exit ensembles", unit="seed", disable=not progress, leave=False):
+        ens = fit_ensemble(cal, seed=seed)
+        runs.append({f"{policy} + ensemble": precompute_grid(policy, ens.apply(cal), ens.apply(test),
+                                                             name=f"{policy} + ensemble", max_points=max_points,
+                                                             cache=cache, progress=progress)})
+    return runs
+
+
+def ensemble_table(test: ExitRecord, ensembled: Sequence[ExitRecord]) -> pd.DataFrame:
+    """Per exit on test, what ensembling changes: exit, rel_macs, accuracy and ece plain, then ensembled (mean over
+    the ensembled records, e.g. one per seed) and accuracy_change (ensembled minus plain)."""
+    if not ensembled:
+        raise EelabError("ensemble_table needs at least one ensembled test record")
+    plain = exit_calibration(test)
+    runs = [exit_calibration(r) for r in ensembled]
+    mean = {key: [sum(r[key][k] for r in runs) / len(runs) for k in range(test.k)] for key in ("accuracy", "ece")}
+    return pd.DataFrame({"exit": list(range(test.k)), "rel_macs": (test.costs / test.full_cost).tolist(),
+                         "accuracy": plain["accuracy"], "accuracy_ensembled": mean["accuracy"],
+                         "accuracy_change": [e - p for e, p in zip(mean["accuracy"], plain["accuracy"])],
+                         "ece": plain["ece"], "ece_ensembled": mean["ece"]})
 
 
 def matched_point(grid: PolicyGrid, accuracy: float | None = None, budget: float | None = None) -> int | None:
@@ -433,7 +463,8 @@ def _git_state(folder: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
-__all__ = ["Examples", "PUBLISHED", "against_oracle", "class_exits", "class_table", "cost_range", "exit_confidences", "exit_table",
+__all__ = ["Examples", "PUBLISHED", "against_oracle", "class_exits", "class_table", "cost_range", "ensemble_runs",
+           "ensemble_table", "exit_confidences", "exit_table",
            "export_manifest", "find_examples", "frontier_areas", "grid_identity", "matched_point", "matched_points",
            "operating_points", "oracle_points", "record_identity", "REFERENCE_PUBLISHED", "REFERENCES",
            "reference_checkpoint", "reference_table", "reliability_bins", "risk_table",

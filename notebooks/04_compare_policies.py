@@ -52,6 +52,7 @@ PATTERN_POLICY = "threshold"           # whose per-class exit pattern is shown
 SPLIT_POLICY = "threshold"             # whose exits the edge/cloud split table counts (at matched accuracy)
 N_BINS = 15                            # reliability-diagram bins
 SEED_CHECKPOINTS = []                  # the same recipe trained with other seeds: mean and spread in the summary
+ENSEMBLE_SEEDS = [0] if SMOKE else [0, 1, 2]  # ensembled exits: one ensemble per seeded half of cal
 
 # %% [markdown]
 # ## Records and timings
@@ -148,16 +149,31 @@ reliability_figure = plots.plot_reliability(workbench.reliability_bins(test, N_B
 reliability_figure
 
 # %% [markdown]
+# ## Ensembled exits
+#
+# Zero Time Waste's geometric ensemble: exit k answers with a weighted sum of the log-probabilities of exits
+# 0..k plus a per-class bias (weights >= 0). Each ensemble is fitted on a seeded half of cal; the threshold
+# policy is then fitted on the other half and scored on test, so no policy is fitted on the rows the ensemble
+# saw. Per exit on test: what the ensembles change (mean over `ENSEMBLE_SEEDS`). Exit 0 has nothing to combine
+# with; its ensemble only rescales it (a temperature and a class bias).
+
+# %%
+ensembles = workbench.ensemble_runs(cal, test, ENSEMBLE_SEEDS, max_points=GRID_POINTS, cache=FITTED)
+ensemble_changes = workbench.ensemble_table(test, [next(iter(run.values())).test for run in ensembles])
+tables.show_table(ensemble_changes)
+
+# %% [markdown]
 # ## Summary
 #
 # Per policy: area under its test frontier (mean accuracy over the cost range from exit 0 to the plain
 # network), test accuracy at matched compute (`BUDGET`), and test compute saved at matched accuracy
-# (`TOLERANCE`); mean and sample standard deviation over the checkpoints in `SEED_CHECKPOINTS` too.
+# (`TOLERANCE`); mean and sample standard deviation over the checkpoints in `SEED_CHECKPOINTS` too, and for
+# `threshold + ensemble` over the ensembles' seeds (each on its own half of cal).
 
 # %%
 seed_runs = [precompute_grids(COMPARE, *load_records(path, limit=LIMIT), max_points=GRID_POINTS,
                               cache=FITTED) for path in SEED_CHECKPOINTS]
-summary = workbench.summarize_policies([grids, *seed_runs], tolerance=TOLERANCE, budget=BUDGET)
+summary = workbench.summarize_policies([grids, *seed_runs, *ensembles], tolerance=TOLERANCE, budget=BUDGET)
 tables.show_table(summary)
 
 # %% [markdown]
@@ -165,7 +181,8 @@ tables.show_table(summary)
 #
 # Writes the panels' current state and the figures above as PDF, SVG and PNG, and the tables as CSV and
 # LaTeX, into `FIGURES`: the frontiers on both cost axes (`04_frontiers`, `04_frontiers_latency`), the risk
-# panel's operating point as `04_risk_operating_points`, and `04_manifest.json` (checkpoint, records, every
+# panel's operating point as `04_risk_operating_points`, the ensemble's per-exit changes as `04_ensemble`, and
+# `04_manifest.json` (checkpoint, records, every
 # policy and its parameters, eelab version and commit, each file's sha256). `eelab figures 04 --out DIR`
 # does the same without a browser, from the fits cached in `FITTED`.
 
@@ -173,7 +190,8 @@ tables.show_table(summary)
 exporter = widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
                                                  "confidence": confidence_figure, "reliability": reliability_figure,
                                                  "split": split_figure, "split_table": split,
-                                                 "operating_points": matched, "summary": summary},
+                                                 "operating_points": matched, "ensemble": ensemble_changes,
+                                                 "summary": summary},
                                  folder=FIGURES, prefix="04_", checkpoint=CHECKPOINT)
 exporter
 

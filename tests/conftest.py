@@ -104,10 +104,11 @@ def live_policy(live):
 
 @pytest.fixture(scope="session")
 def live_predictor(live):
-    """policy -> an EarlyExitPredictor of the live net, configured as its checkpoint would be."""
+    """(policy, **options such as ensemble=) -> an EarlyExitPredictor of the live net, configured as its checkpoint
+    would be."""
     from eelab.inference import EarlyExitPredictor
 
     record = live[2]
     config = {"costs": record.costs.tolist(), "class_names": [str(c) for c in range(record.c)],
               "mean": LIVE_MEAN, "std": LIVE_STD, "input_shape": [3, 8, 8]}
-    return lambda policy: EarlyExitPredictor(live[0], config, policy)
+    return lambda policy, **options: EarlyExitPredictor(live[0], config, policy, **options)

@@ -113,3 +113,16 @@ def record_is_valid(d: Any) -> bool:
     if any(not math.isfinite(v) or v <= 0 for v in cs) or any(b < a for a, b in zip(cs, cs[1:])):
         return False
     return True
+
+
+def damage_file(rng: Any, path: Path, how: str, flips: int = 6) -> None:
+    """Damage a file in place: how="truncate" cuts it at a random offset, "flip" overwrites 1..flips-1 random
+    bytes with random values (rng: a random.Random)."""
+    raw = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(raw[:rng.randrange(len(raw))])
+        return
+    damaged = bytearray(raw)
+    for _ in range(rng.randrange(1, flips)):
+        damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+    path.write_bytes(bytes(damaged))

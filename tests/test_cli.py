@@ -109,10 +109,12 @@ OLD_FLAGS = {
              "--widths --exits-after --exits-schedule --num-exits --image-size --threads --half-weights --resume "
              "--quiet --json --overwrite --momentum --bn-lr-scale --ema --whiten --translate --flip --head-lr-scale",
     "record": "--split --out --limit --batch-size --precision --threads --quiet --json --overwrite",
-    "evaluate": "--policy --param --cal --save-policy --json --overwrite",
-    "sweep": "--policy --cal --json",
-    "predict": "--policy --param --precision --batch --threads --json",
-    "bench": "--policy --param --precision --images --batch --batch-images --rounds --stream --threads --json",
+    "evaluate": "--policy --param --cal --save-policy --json --overwrite --ensemble",
+    "sweep": "--policy --cal --json --ensemble",
+    "predict": "--policy --param --precision --batch --threads --json --ensemble",
+    "bench": "--policy --param --precision --images --batch --batch-images --rounds --stream --threads --json "
+             "--ensemble",
+    "ensemble": "--out --seed --fraction --json --overwrite",
     "profile": "--batch --rounds --precision --threads --json",
 }
 
@@ -156,8 +158,8 @@ def test_each_subcommand_keeps_its_shared_flags(command, capsys):
     assert flags == set(OLD_FLAGS[command].split()) | ({"--eval-batch-size"} if command == "train" else set())
     positional = {"train": [], "record": ["ck", "--split", "test"], "evaluate": ["r.pt", "--policy", "static"],
                   "sweep": ["r.pt", "--policy", "static"], "predict": ["ck", "x.png"], "bench": ["ck"],
-                  "profile": ["ck"]}[command]
-    out = ["--out", "o"] if command in ("train", "record") else []
+                  "profile": ["ck"], "ensemble": ["cal.pt"]}[command]
+    out = ["--out", "o"] if command in ("train", "record", "ensemble") else []
     a = build_parser().parse_args([command, *positional, *out, "--json"]
                                   + (["--threads", "2"] if "--threads" in flags else []))
     assert a.json is True and getattr(a, "threads", 2) == 2

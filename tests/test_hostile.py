@@ -35,8 +35,8 @@ from eelab.testing import random_record
 from eelab.training import TrainConfig, train
 
 from conftest import tiny_config, write_image_folder
-from hostile_helpers import (bomb_png, copy_checkpoint, one_line_error, record_dict, record_is_valid, run_cli,
-                             strict_json)
+from hostile_helpers import (bomb_png, copy_checkpoint, damage_file, one_line_error, record_dict, record_is_valid,
+                             run_cli, strict_json)
 
 
 def _train_argv(folder: Path, out: Path, *extra: str) -> list[str]:
@@ -636,14 +636,8 @@ def test_fuzz_malformed_policy_files_load_or_raise_one_line(tmp_path):
             d["format_version"] = rng.choice([0, 9, "1", None])
         path = tmp_path / f"p{case}.pt"
         torch.save(d, path)
-        raw = path.read_bytes()
-        if choice == 6:
-            path.write_bytes(raw[:rng.randrange(len(raw))])
-        elif choice == 7:
-            raw = bytearray(raw)
-            for _ in range(rng.randrange(1, 6)):
-                raw[rng.randrange(len(raw))] = rng.randrange(256)
-            path.write_bytes(bytes(raw))
+        if choice in (6, 7):
+            damage_file(rng, path, "truncate" if choice == 6 else "flip")
         try:
             policy = load_policy(path)
         except EelabError as e:

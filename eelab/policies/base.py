@@ -122,7 +122,7 @@ class Policy:
         """What every fit records about its cal record (a family fitting many policies at once reuses it)."""
         # a fitted guarantee (risk control) holds at the precision its cal record was computed at
         return {"k": cal.k, "c": cal.c, "n_cal": cal.n, "checkpoint_sha256": cal.meta.get("checkpoint_sha256"),
-                "precision": cal.meta.get("precision", "fp32")}
+                "precision": cal.meta.get("precision", "fp32"), "ensemble_sha256": cal.meta.get("ensemble_sha256")}
 
     def check_exits(self, num_exits: int) -> None:
         """Raise a one-line EelabError unless this policy can decide over K = num_exits exits."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import EelabError
-from ..files import check_output, load_torch, save_torch
+from ..files import check_output, load_tagged, save_torch
 
 if TYPE_CHECKING:
     from .base import Policy
@@ -28,12 +28,7 @@ def save_policy(policy: "Policy", path: str | Path, overwrite: bool = False) -> 
 
 def load_policy_file(path: str | Path, registry: dict[str, type["Policy"]]) -> "Policy":
     """Read a policy saved by Policy.save; one-line EelabError for a missing, foreign or damaged file."""
-    d = load_torch(path, "policy file", _FIX)
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise EelabError(f"{path} is not an eelab policy file; {_FIX}")
-    if not isinstance(d.get("format_version"), int) or not 1 <= d["format_version"] <= FORMAT_VERSION:
-        raise EelabError(f"{path} has policy format version {d.get('format_version')!r}, this eelab reads up to "
-                         f"{FORMAT_VERSION}; upgrade eelab or {_FIX}")
+    d = load_tagged(path, FORMAT, FORMAT_VERSION, "policy file", _FIX)
     name = d.get("name")
     cls = registry.get(name) if isinstance(name, str) else None
     if cls is None:
