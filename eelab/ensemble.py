@@ -250,9 +250,29 @@ def check_ensemble_match(fitted_with: str | None, used_with: str | None, what: s
                      f"{str(used_with)[:12]}; refit it with the ensemble you use")
 
 
+def ensemble_for(ensemble: "str | Path | ExitEnsemble | None", policy_info: dict[str, Any], num_exits: int,
+                 num_classes: int, checkpoint_sha256: str | None = None) -> ExitEnsemble | None:
+    """The ensemble a live runner uses (a file is loaded), checked against the network it runs with (K, C, the
+    checkpoint hash where both know it) and the policy's fit (plain policies with plain outputs, ensembled ones
+    with their own ensemble): one-line EelabError otherwise. None stays None (after the policy check)."""
+    if ensemble is not None and not isinstance(ensemble, ExitEnsemble):
+        ensemble = load_ensemble(ensemble)
+    if ensemble is not None:
+        if ensemble.k != num_exits or ensemble.c != num_classes:
+            raise EelabError(f"the ensemble was fitted on K={ensemble.k} exits and C={ensemble.c} classes, this model "
+                             f"has K={num_exits}, C={num_classes}; fit one on its cal record")
+        fitted_on = ensemble.info.get("checkpoint_sha256")
+        if fitted_on and checkpoint_sha256 and fitted_on != checkpoint_sha256:
+            raise EelabError(f"the ensemble was fitted on checkpoint {fitted_on[:12]}, this model is "
+                             f"{checkpoint_sha256[:12]}; fit one on this checkpoint's cal record")
+    if policy_info:  # a fitted policy decides on the outputs it was fitted on: plain or this ensemble's
+        check_ensemble_match(policy_info.get("ensemble_sha256"), ensemble.sha256 if ensemble else None, "the policy")
+    return ensemble
+
+
 def _shape(t: Any) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-__all__ = ["ExitEnsemble", "check_ensemble_match", "fit_ensemble", "identity_ensemble", "load_ensemble",
-           "split_cal"]
+__all__ = ["ExitEnsemble", "check_ensemble_match", "ensemble_for", "fit_ensemble", "identity_ensemble",
+           "load_ensemble", "split_cal"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from .__version__ import __version__
 from .checkpoint import load_checkpoint, read_checkpoint_config
+from .ensemble import ExitEnsemble, ensemble_for
 from .errors import EelabError
 from .files import load_json, save_json, sha256_file, write_atomic
 from .inference import resolve_policy
@@ -179,7 +180,8 @@ class OnnxEarlyExit:
     """
 
     def __init__(self, path: str | Path, policy: str | Path | Policy | None = None,
-                 params: dict[str, Any] | None = None, threads: int | None = None):
+                 params: dict[str, Any] | None = None, threads: int | None = None,
+                 ensemble: str | Path | ExitEnsemble | None = None):
         import onnxruntime as ort  # optional extra `export`: import only when an export is run
 
         self.path = Path(path)
@@ -194,12 +196,17 @@ class OnnxEarlyExit:
             raise EelabError(f"policy was fitted on checkpoint {fitted_on[:12]}, this export holds {ours[:12]}; refit "
                              f"it on this checkpoint's cal record")
         self.policy.check_exits(self.num_exits)
+        # an exit ensemble (eelab.ensemble) combines the heads' outputs as live inference does, in torch
+        self.ensemble = ensemble_for(ensemble, self.policy.info, self.num_exits, len(self.class_names),
+                                     self.meta.get("checkpoint_sha256"))
         self._wants_confidence = "confidences" in self.policy.INPUTS
         if self._wants_confidence and not self.meta.get("has_confidence"):
             raise EelabError(f"policy {self.policy.name} reads learned confidences, and this export has no confidence "
                              "branches; export a checkpoint trained with `eelab train --objective eenet`")
-        self.costs = charged_costs(torch.tensor(self.meta["costs"], dtype=torch.float64),
-                                   self.policy.overhead_macs(self.num_exits, len(self.class_names)))
+        costs = torch.tensor(self.meta["costs"], dtype=torch.float64)
+        if self.ensemble is not None:
+            costs = costs + self.ensemble.extra_macs()
+        self.costs = charged_costs(costs, self.policy.overhead_macs(self.num_exits, len(self.class_names)))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -220,15 +227,20 @@ class OnnxEarlyExit:
 
     def predict(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         """Early exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B]."""
-        live: dict[str, Any] = {"rows": None, "h": self.prepare(images)}
+        live: dict[str, Any] = {"rows": None, "h": self.prepare(images), "past": None}
 
         def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
             # rows only shrink and stay the same object while nobody stops: gather survivors only then
             if live["rows"] is not None and rows.numel() != live["rows"].numel():
-                live["h"] = np.ascontiguousarray(live["h"][np.isin(live["rows"].numpy(), rows.numpy())])
+                keep = np.isin(live["rows"].numpy(), rows.numpy())
+                live["h"] = np.ascontiguousarray(live["h"][keep])
+                if live["past"] is not None:
+                    live["past"] = live["past"][torch.from_numpy(keep)]
             live["rows"] = rows
             live["h"] = self._run("stage", k, live["h"])
             logits = torch.from_numpy(self._run("head", k, live["h"]))
+            if self.ensemble is not None:
+                logits, live["past"] = self.ensemble.combine(k, logits, live["past"])
             if self._wants_confidence:
                 return logits, {"confidences": torch.from_numpy(self._run("confidence", k, live["h"]))}
             return logits

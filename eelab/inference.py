@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import check_image_path, load_dataset, load_image, prepare
 from .device import cast_for_inference, cast_input, inference_precision
-from .ensemble import ExitEnsemble, check_ensemble_match, load_ensemble
+from .ensemble import ExitEnsemble, ensemble_for
 from .errors import EelabError
 from .files import sha256_file
 from .metrics import charged_costs
@@ -110,13 +110,7 @@ class EarlyExitPredictor:
     def __init__(self, model: MultiExitNet, config: dict[str, Any], policy: Policy,
                  device: str | torch.device = "cpu", precision: str = "fp32", ensemble: ExitEnsemble | None = None):
         self.device = torch.device(device)
-        self.ensemble = ensemble
-        if ensemble is not None and (ensemble.k != model.num_exits or ensemble.c != len(config["class_names"])):
-            raise EelabError(f"the ensemble was fitted on K={ensemble.k} exits and C={ensemble.c} classes, this model "
-                             f"has K={model.num_exits}, C={len(config['class_names'])}; fit one on its cal record")
-        if policy.info:  # a fitted policy decides on the outputs it was fitted on: plain or this ensemble's
-            check_ensemble_match(policy.info.get("ensemble_sha256"), ensemble.sha256 if ensemble else None,
-                                 f"policy {policy.name}")
+        self.ensemble = ensemble_for(ensemble, policy.info, model.num_exits, len(config["class_names"]))
         self.precision = inference_precision(precision, self.device)
         self.model = cast_for_inference(model.eval().to(device), self.precision)
         self.config = config
@@ -144,14 +138,9 @@ class EarlyExitPredictor:
         """Load a checkpoint directory, a policy (name, saved file or Policy; see resolve_policy) and optionally
         an exit ensemble (file or ExitEnsemble) fitted on this checkpoint."""
         model, cfg = load_checkpoint(path, device)
-        if ensemble is not None and not isinstance(ensemble, ExitEnsemble):
-            ensemble = load_ensemble(ensemble)
-        if ensemble is not None:
-            fitted_on = ensemble.info.get("checkpoint_sha256")
-            ours = sha256_file(Path(path) / "model.pt")
-            if fitted_on and fitted_on != ours:
-                raise EelabError(f"the ensemble was fitted on checkpoint {fitted_on[:12]}, not on {path} ({ours[:12]}); "
-                                 f"fit one on this checkpoint's cal record")
+        if ensemble is not None:  # loaded and tied to this checkpoint before any policy is fitted with it
+            ensemble = ensemble_for(ensemble, {}, model.num_exits, len(cfg["class_names"]),
+                                    sha256_file(Path(path) / "model.pt"))
         return cls(model, cfg, resolve_policy(policy, path, params, ensemble), device, precision, ensemble)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:

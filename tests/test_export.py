@@ -63,6 +63,28 @@ def test_onnx_runner_matches_record_and_predictor(tiny_export, name, params):
     assert torch.equal(one, decided[:12])
 
 
+def test_onnx_runner_with_an_exit_ensemble_matches_the_ensembled_record(tiny_export):
+    from eelab.ensemble import ExitEnsemble
+
+    net, cfg, out = tiny_export
+    images = _images(96, seed=4)
+    ens = ExitEnsemble(torch.tensor([[0.25, 0, 0, 0], [0.3, 0.9, 0, 0], [0.2, 0.0, 1.1, 0], [0.1, 0.2, 0.1, 1.0]],
+                                    dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64),
+                       torch.empty(0, dtype=torch.long), {"split": None})
+    record = ens.apply(tiny_record_of(net, prepare(images, MEAN, STD), meta={"split": "test"}))
+    policy = make_policy("threshold", threshold=0.6)
+    got = OnnxEarlyExit(out, policy, ensemble=ens).predict(images)
+    decided = policy.decide(record)
+    assert len(set(decided.tolist())) > 1
+    assert torch.equal(got["exits"], decided)
+    assert torch.equal(got["exits"], EarlyExitPredictor(net, cfg, policy, ensemble=ens).predict(images)["exits"])
+    assert torch.allclose(got["logits"], record.logits[torch.arange(96), decided], atol=1e-4)
+    assert torch.allclose(got["macs"], record.costs[decided])
+    fitted = make_policy("risk", epsilon=0.1).fit(record)  # fitted on ensembled outputs: refused without them
+    with pytest.raises(EelabError, match="used without that ensemble"):
+        OnnxEarlyExit(out, fitted)
+
+
 def test_onnx_plain_network_matches_last_exit(tiny_export):
     net, _, out = tiny_export
     images = _images(10, seed=3)
