@@ -120,8 +120,8 @@ class EarlyExitPredictor:
             warnings.warn(note, PrecisionNote, stacklevel=2)
         # MACs a sample leaving at exit k spends: the network's, plus the policy's own (a gate, a Q-network)
         costs = torch.tensor(config["costs"], dtype=torch.float64)
-        if ensemble is not None:  # the combination's multiply-adds, as the ensembled record counts them
-            costs = costs + ensemble.extra_macs()
+        if self.ensemble is not None:  # the combination's multiply-adds, as the ensembled record counts them
+            costs = costs + self.ensemble.extra_macs()
         self.costs = charged_costs(costs, policy.overhead_macs(model.num_exits, len(config["class_names"])))
         self.class_names: list[str] = list(config["class_names"])
         policy.check_exits(model.num_exits)
