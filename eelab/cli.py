@@ -231,7 +231,8 @@ def _run_ensemble(a: argparse.Namespace) -> int:
         raise EelabError(f"{a.cal} is already ensembled; fit on the plain cal record")
     ens = fit_ensemble(cal, seed=a.seed, fraction=a.fraction)
     held = split_cal(cal, a.seed, a.fraction)[1]
-    rows = [{"records": name, **exit_calibration(rec)} for name, rec in (("plain", held), ("ensembled", ens.apply(held)))]
+    rows = [{"records": name, **exit_calibration(rec)}
+            for name, rec in (("plain", held), ("ensembled", ens.apply(held)))]
     ens.save(a.out, overwrite=a.overwrite)
     out = {"out": str(a.out), "sha256": ens.sha256, "fit_rows": int(ens.fit_indices.numel()),
            "policy_rows": held.n, "weights": ens.weights.tolist(), "held_out": rows}
@@ -291,8 +292,7 @@ def _load_cal(record_path: str, cal_path: str | None, record, ensemble=None):
                          f"--out {path}` or pass --cal FILE")
     cal = load_record(path)
     if ensemble is not None:
-        ensemble.check_record(cal, f"cal record {path}")
-        cal = ensemble.apply(cal)
+        cal = ensemble.apply(cal, f"cal record {path}")
     check_same_model(record, cal, f"record {record_path}", f"cal record {path}")
     return cal, path
 
@@ -306,8 +306,7 @@ def _load_record(path: str, ensemble_path: str | None):
     if ensemble_path is None:
         return record, None
     ensemble = load_ensemble(ensemble_path)
-    ensemble.check_record(record, f"record {path}")
-    return ensemble.apply(record), ensemble
+    return ensemble.apply(record, f"record {path}"), ensemble
 
 
 def _run_evaluate(a: argparse.Namespace) -> int:

@@ -108,15 +108,15 @@ class ExitEnsemble:
         logp = torch.log_softmax(logits.float(), dim=-1)
         return torch.einsum("kj,njc->nkc", self.weights.float(), logp) + self.bias.float()[None]
 
-    def apply(self, record: ExitRecord) -> ExitRecord:
+    def apply(self, record: ExitRecord, what: str = "record") -> ExitRecord:
         """The record with ensembled logits, costs counting the combination, and the ensemble named in its meta.
 
         Rows of the cal split the ensemble was fitted on are dropped (a policy fitted on the result never sees
-        them); a record of another model, or one already ensembled, is refused in one line.
+        them); a record of another model, or one already ensembled, is refused in one line naming `what`.
         """
-        self.check_record(record)
+        self.check_record(record, what)
         if "ensemble_sha256" in record.meta:
-            raise EelabError("this record is already ensembled; apply the ensemble to the plain record")
+            raise EelabError(f"the {what} is already ensembled; apply the ensemble to the plain record")
         keep = None
         if record.meta.get("split") == self.info.get("split"):
             keep = ~torch.isin(record.indices, self.fit_indices)

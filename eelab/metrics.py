@@ -301,6 +301,7 @@ def _safe(values: torch.Tensor) -> list[float | None]:
     return [None if v != v else float(v) for v in values.tolist()]
 
 
-__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "charged_costs", "evaluate", "exit_calibration", "exit_values",
+__all__ = ["SUMMARY", "area_under_frontier", "bootstrap_ci", "charged_costs", "evaluate", "exit_calibration",
+           "exit_values",
            "expected_calibration_error", "frontier_range", "headline_metrics", "oracle_exits", "oracle_frontier",
            "pareto_front", "sum_at_exits", "sum_at_shared_threshold"]

@@ -56,12 +56,14 @@ def grid_points(factory: Factory, cal: ExitRecord, grid: Grid | None = None) -> 
 
 
 def cache_path(cache: str | Path, factory: Factory, point: Mapping[str, Any], cal: ExitRecord) -> Path:
-    """Where a point's fitted policy is cached: family, parameters, checkpoint, ensemble and cal samples in the key."""
+    """Where a point's fitted policy is cached: family, parameters, checkpoint, cal samples and (for ensembled
+    records) the ensemble in the key."""
     family = getattr(factory, "name", None) or getattr(factory, "__name__", "policy")
-    key = json.dumps({"family": family, "point": dict(point), "checkpoint": cal.meta.get("checkpoint_sha256"),
-                      "ensemble": cal.meta.get("ensemble_sha256"),
-                      "cal": hashlib.sha256(cal.indices.numpy().tobytes()).hexdigest(), "n": cal.n},
-                     sort_keys=True, default=str)
+    fields = {"family": family, "point": dict(point), "checkpoint": cal.meta.get("checkpoint_sha256"),
+              "cal": hashlib.sha256(cal.indices.numpy().tobytes()).hexdigest(), "n": cal.n}
+    if cal.meta.get("ensemble_sha256"):  # only where ensembled, so plain keys (and caches) stay as they were
+        fields["ensemble"] = cal.meta["ensemble_sha256"]
+    key = json.dumps(fields, sort_keys=True, default=str)
     return Path(cache) / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 

@@ -283,7 +283,8 @@ def test_fuzz_malformed_ensemble_files_load_or_raise_one_line(tmp_path):
         elif choice == 2:
             d.pop(key, None)
         elif choice == 3:
-            d["info"] = {**d["info"], rng.choice(["checkpoint_sha256", "split", "seed"]): rng.choice(["test", 7, "b" * 64])}
+            key = rng.choice(["checkpoint_sha256", "split", "seed"])
+            d["info"] = {**d["info"], key: rng.choice(["test", 7, "b" * 64])}
         elif choice == 4:
             d["weights"] = d["weights"].clone()
             d["weights"][rng.randrange(4), rng.randrange(4)] += rng.choice([0.5, -3.0, float("inf")])
