@@ -113,7 +113,7 @@ def main() -> None:
         assert [list(r) for r in panel.class_figure.data[0].z] == point["per_class_exit_fractions"]
         check_on(dqn, "dqn", "cost_weight")(value)
 
-    rows.append(("03 train dqn: lambda slider + class heatmap", "cost_weight",
+    rows.append(("03 train dqn: cost_weight slider + class heatmap", "cost_weight",
                  time_moves(slider, cycle([v for _, v in slider.options], args.repeats, slider.value), check_classes)))
 
     risk_panel = widgets.RiskControlPanel(risk, static=grids["static"])

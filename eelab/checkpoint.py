@@ -5,8 +5,9 @@ normalisation, seed, exit costs), history.json (per-epoch figures), state.pt (op
 git-ignored). Every file is written atomically and read with torch.load(weights_only=True).
 
 A training claims its directory first (claim_run): a lock file with pid and host keeps a second training out
-(stale once that pid is dead), and a directory holding another run is refused unless overwrite, which removes
-that run's files, records, summary and policies, so no old record stays beside a new model.
+(stale once that pid is dead), and a directory holding another run is refused unless overwrite; that run's files,
+records, summary, policies and ensembles are then removed just before the new run writes its first checkpoint
+(remove_run), so a new run that fails leaves the old one whole, and no old record stays beside a new model.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import torch
 
 from .__version__ import __version__
 from .errors import EelabError
-from .files import (clean_stale_temps, file_kind, host_name, load_json, load_torch, pid_alive, save_json,
-                    save_torch)
+from .files import (TAGGED_KINDS, check_output_folder, clean_stale_temps, file_kind, host_name, load_json,
+                    load_torch, pid_alive, save_json, save_torch)
 from .models import ModelConfig, MultiExitNet, build_model
 
 FORMAT = "eelab.checkpoint"
@@ -135,15 +136,25 @@ BESIDE_FILES = ("cal.pt", "test.pt", "summary.json")                # what belon
 
 
 def run_files(out: str | Path) -> list[Path]:
-    """The files of a run in a directory: its checkpoint files, records and summary, and every exit record or
-    policy file (*.pt) beside them; what --overwrite removes so nothing of an old run stays beside a new model."""
+    """The files of a run in a directory: its checkpoint files, records and summary, and every file of eelab's own
+    kinds beside them (exit records, policy files, exit ensembles: by their format tag, whatever their name); what
+    --overwrite removes so nothing of an old run stays beside a new model. Hidden files (the lock, temps) are not."""
     out = Path(out)
     if not out.is_dir():
         return []
     named = [out / name for name in RUN_FILES + BESIDE_FILES if (out / name).is_file()]
-    others = [f for f in sorted(out.glob("*.pt")) if f not in named and f.is_file()
-              and file_kind(f) in ("exit record", "policy file")]
+    others = [f for f in sorted(out.iterdir()) if f not in named and not f.name.startswith(".") and f.is_file()
+              and file_kind(f) in TAGGED_KINDS]
     return named + others
+
+
+def remove_run(out: str | Path) -> list[Path]:
+    """Remove the run in a directory (run_files): what a training with overwrite does just before it writes its
+    first checkpoint, so a run that fails before then leaves the old one whole. Returns what it removed."""
+    held = run_files(out)
+    for f in held:
+        f.unlink(missing_ok=True)
+    return held
 
 
 @contextmanager
@@ -152,23 +163,14 @@ def claim_run(out: str | Path, resume: bool = False, overwrite: bool = False) ->
 
     A lock file (pid and host) keeps a second training out while this one runs; a lock whose pid is dead on this
     host is stale and taken over. resume: the directory must hold the run's state.pt. Otherwise a directory that
-    holds another run (checkpoint files, records, summary, policies) is refused unless overwrite, which removes
-    them all first, so no old record stays beside a new model. Temp files of interrupted writes are removed.
-    Under torchrun rank 0 alone calls this.
+    holds another run (checkpoint files, records, summary, policies, ensembles) is refused unless overwrite; the
+    caller removes that run (remove_run) just before it writes its own first checkpoint. Temp files of
+    interrupted writes are removed. Under torchrun rank 0 alone calls this.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EelabError(f"--out {out} is a file, not a directory; give a checkpoint directory path")
-    folder = out
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise EelabError(f"--out {out} cannot be written ({folder} is not a writable folder); choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EelabError(f"--out {out} cannot be created ({e.strerror or type(e).__name__}); choose another "
-                         "--out") from None
+    check_output_folder(out)  # made, or refused in one line: under a file, not writable
     lock = _take_lock(out)
     try:
         if resume and not (out / "state.pt").is_file():
@@ -178,10 +180,9 @@ def claim_run(out: str | Path, resume: bool = False, overwrite: bool = False) ->
             held = run_files(out)
             if held and not overwrite:
                 raise EelabError(f"--out {out} already holds a training run ({', '.join(f.name for f in held)}); pass "
-                                 "--resume to continue it, --overwrite to replace it (its records, summary and "
-                                 "policies are removed too), or choose another --out")
-            for f in held:
-                f.unlink()
+                                 "--resume to continue it, --overwrite to replace it (its records, summary, "
+                                 "policies and ensembles go once the new run writes its first checkpoint), or "
+                                 "choose another --out")
         for name in RUN_FILES:
             clean_stale_temps(out / name)
         yield out
@@ -190,24 +191,49 @@ def claim_run(out: str | Path, resume: bool = False, overwrite: bool = False) ->
 
 
 def _take_lock(out: Path) -> Path:
-    """Create out/LOCK holding this process's pid and host; a stale lock (dead pid here) is taken over."""
+    """Create out/LOCK holding this process's pid and host; a stale lock (dead pid here) is taken over.
+
+    Looking at the lock, judging it stale, removing it and creating ours is one step under an exclusive flock of
+    the directory (released by the kernel if we die), so two runs finding the same stale lock cannot both take
+    it: the second sees the first's fresh lock. Where flock is not available, the step runs unguarded.
+    """
     lock = out / LOCK
     me = json.dumps({"pid": os.getpid(), "host": host_name()})
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is None:  # stale: its pid is gone, or it is a half-written lock of a crash
-                lock.unlink(missing_ok=True)
-                continue
-            raise EelabError(f"--out {out} is in use by another training (pid {holder['pid']} on "
-                             f"{holder['host']}); wait for it, or choose another --out (if that run is gone, delete "
-                             f"{lock})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return lock
+    with _directory_flock(out):
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if holder is None:  # stale: its pid is gone, or it is a half-written lock of a crash
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise EelabError(f"--out {out} is in use by another training (pid {holder['pid']} on "
+                                 f"{holder['host']}); wait for it, or choose another --out (if that run is gone, "
+                                 f"delete {lock})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return lock
     raise EelabError(f"could not claim {out} ({lock} keeps coming back); choose another --out")
+
+
+@contextmanager
+def _directory_flock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock on a directory for a moment (blocking); nothing where the system has no flock."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without flock on directories
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _lock_holder(lock: Path) -> dict[str, Any] | None:
@@ -238,4 +264,5 @@ def _release_lock(lock: Path) -> None:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LOCK", "RUN_FILES", "checkpoint_config", "claim_run", "load_checkpoint",
-           "load_state", "read_checkpoint_config", "read_history", "run_files", "save_checkpoint", "sha_indices"]
+           "load_state", "read_checkpoint_config", "read_history", "remove_run", "run_files", "save_checkpoint",
+           "sha_indices"]

@@ -178,14 +178,14 @@ def _run_record(a: argparse.Namespace) -> int:
     One forward pass over the cal or test split; writes every exit's logits and costs (an ExitRecord)
     atomically. At --precision bf16 the record's meta says so, and policies fitted on it record it.
     """
-    from .files import check_output
-    from .records import record_checkpoint
+    from .records import check_record_output, checkpoint_source, record_checkpoint
 
     if a.batch_size < 1:
         raise EelabError(f"--batch-size must be at least 1, got {a.batch_size}")
     if a.limit is not None and a.limit < 1:
         raise EelabError(f"--limit must be at least 1, got {a.limit}")
-    check_output(a.out, "exit record", a.overwrite)  # before the forward pass, not after it
+    # before the forward pass, not after it: the path, and no other checkpoint's model.pt beside it
+    check_record_output(a.out, checkpoint_source(a.checkpoint), a.overwrite)
     rec = record_checkpoint(a.checkpoint, a.split, limit=a.limit, batch_size=a.batch_size, progress=not a.quiet,
                             precision=a.precision)
     rec.save(a.out, overwrite=a.overwrite)
@@ -220,11 +220,13 @@ def _run_ensemble(a: argparse.Namespace) -> int:
     is computed on data the ensemble never saw. Prints per exit, on the held-out part of cal, the accuracy and
     calibration error before and after.
     """
+    from .data import check_seed
     from .ensemble import fit_ensemble, split_cal
     from .files import check_output
     from .metrics import exit_calibration
     from .records import load_record
 
+    check_seed(a.seed)
     check_output(a.out, "exit ensemble", a.overwrite)  # before the fit, not after it
     cal = load_record(a.cal)
     if "ensemble_sha256" in cal.meta:
@@ -315,7 +317,6 @@ def _run_evaluate(a: argparse.Namespace) -> int:
     Fit the policy on the cal record (where it learns anything), decide on RECORD, and report accuracy, compute
     saved, exit fractions and more.
     """
-    from .ensemble import check_ensemble_match
     from .files import check_output
     from .metrics import evaluate
     from .policies import POLICIES, make_policy
@@ -331,15 +332,7 @@ def _run_evaluate(a: argparse.Namespace) -> int:
             policy.fit(cal)
     elif a.cal:
         raise EelabError(f"policy file {a.policy} is already fitted; drop --cal, or give a policy name to refit")
-    else:
-        fitted_on, ours = policy.info.get("checkpoint_sha256"), record.meta.get("checkpoint_sha256")
-        if fitted_on and ours and fitted_on != ours:
-            raise EelabError(f"policy file {a.policy} was fitted on checkpoint {fitted_on[:12]}, the record comes "
-                             f"from {ours[:12]}; refit it on this model's cal record")
-        if policy.info:
-            check_ensemble_match(policy.info.get("ensemble_sha256"), record.meta.get("ensemble_sha256"),
-                                 f"policy file {a.policy}")
-    exits = policy.decide(record)
+    exits = policy.decide(record)  # refuses a policy fitted on another checkpoint's outputs, or ensembled otherwise
     out = {"record": str(a.record), "cal": None if cal_path is None else str(cal_path),
            "ensemble": record.meta.get("ensemble_sha256"), "policy": policy.name,
            "params": policy.params, "label": policy.describe(), **{f"fitted_{k}": v for k, v in policy.summary().items()},
@@ -642,6 +635,9 @@ def _add_figures(sub) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory the notebook reads (default: the notebook's own)")
     p.add_argument("--smoke", action="store_true", help="the notebook's quick run (subsets, thin grids), as the "
                                                         "tests run it")
+    p.add_argument("--size", choices=("default", "column", "page"), default="default",
+                   help="every figure one column (3.3 in) or two columns (6.9 in) wide; default: as the notebook "
+                        "draws each")
 
 
 def _run_figures(a: argparse.Namespace) -> int:
@@ -656,7 +652,7 @@ def _run_figures(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise EelabError(f"--out {out} is a file; give a folder for the figures")
-    written = make_figures(a.notebook, out, smoke=a.smoke, checkpoint=a.checkpoint)
+    written = make_figures(a.notebook, out, smoke=a.smoke, checkpoint=a.checkpoint, size=a.size)
     if a.json:
         _print_json({"out": str(out), "files": [str(p) for p in written]})
     else:

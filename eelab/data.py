@@ -13,6 +13,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -392,6 +393,14 @@ def _resize_images(ds: Dataset, image_size: int | None) -> Dataset:
 
 
 DATASETS = ("cifar10-jpeg", "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagenette", "folder:PATH")
+_SIDES = {"cifar10-jpeg": 32, "cifar10": 32, "cifar100": 32, "svhn": 32, "mnist": 28, "fashion-mnist": 28,
+          "imagenette": IMAGENETTE_SIZE}  # square images, as load_dataset gives them by default
+
+
+def image_side(name: str, image_size: int | None = None) -> int | None:
+    """Side in pixels of the square images load_dataset(name, image_size) gives, where it is known without loading
+    them; None for an image folder at its own size (its first image decides)."""
+    return image_size if image_size is not None else _SIDES.get(name)
 
 
 def load_dataset(name: str, image_size: int | None = None, progress: bool = True) -> Dataset:
@@ -421,6 +430,18 @@ def load_dataset(name: str, image_size: int | None = None, progress: bool = True
 
 
 # ----------------------------------------------------------------------------- splits and tensors
+
+MAX_SEED = 2**32 - 1  # seed + per-epoch offsets must stay inside torch's 64-bit generator seeds
+
+
+def check_seed(seed: Any, option: str = "--seed") -> int:
+    """The one check of a seed (every command with --seed, and TrainConfig): a whole number in [0, MAX_SEED].
+    One-line EelabError naming the option otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise EelabError(f"{option} must be a whole number in [0, {MAX_SEED}] (eelab offsets it for its generators, "
+                         f"which take 64-bit seeds), got {seed!r}")
+    return int(seed)
+
 
 def split_train_cal(n_train: int, cal_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of train indices 0..n_train-1 into (train [n_train - cal_size], cal [cal_size]), both sorted."""

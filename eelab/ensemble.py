@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
+from .data import check_seed
 from .errors import EelabError
 from .files import check_output, load_tagged, save_torch
-from .records import ExitRecord
+from .records import ExitRecord, check_same_source
 
 FORMAT = "eelab.exit_ensemble"
 FORMAT_VERSION = 1
@@ -87,6 +88,11 @@ class ExitEnsemble:
         h.update(json.dumps(self.info, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
+    @property
+    def source(self) -> dict[str, Any]:
+        """The checkpoint it was fitted for, for records.check_same_source (it takes plain exits of that network)."""
+        return {"checkpoint_sha256": self.info.get("checkpoint_sha256")}
+
     def extra_macs(self) -> torch.Tensor:
         """MACs one sample spends on the combination up to exit k: float64 [K], cumulative.
 
@@ -136,10 +142,8 @@ class ExitEnsemble:
         if record.k != self.k or record.c != self.c:
             raise EelabError(f"the ensemble was fitted on K={self.k} exits and C={self.c} classes, the {what} has "
                              f"K={record.k}, C={record.c}; fit an ensemble on this model's cal record")
-        ours, theirs = self.info.get("checkpoint_sha256"), record.meta.get("checkpoint_sha256")
-        if ours and theirs and ours != theirs:
-            raise EelabError(f"the ensemble was fitted on checkpoint {ours[:12]}, the {what} comes from {theirs[:12]}; "
-                             f"fit an ensemble on this model's cal record")
+        check_same_source(self.source, record.source, "the ensemble", f"the {what}",
+                          "fit an ensemble on this model's cal record")
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the ensemble as a small torch file, atomically; a file of another kind is refused unless overwrite."""
@@ -177,6 +181,7 @@ def split_cal(cal: ExitRecord, seed: int = 0, fraction: float = 0.5) -> tuple[Ex
 
     fraction: the ensemble's share of cal rows, in (0, 1); both parts keep record order.
     """
+    check_seed(seed)
     if not 0 < fraction < 1:
         raise EelabError(f"the ensemble's share of cal must be in (0, 1), got {fraction}")
     n_fit = int(round(cal.n * fraction))
@@ -235,38 +240,24 @@ def load_ensemble(path: str | Path) -> ExitEnsemble:
     return ExitEnsemble.load(path)
 
 
-def check_ensemble_match(fitted_with: str | None, used_with: str | None, what: str) -> None:
-    """One-line EelabError when a policy fitted on ensembled records meets plain outputs, or the other way round
-    (fitted_with / used_with: ensemble sha256s, None for plain)."""
-    if fitted_with == used_with:
-        return
-    if fitted_with and not used_with:
-        raise EelabError(f"{what} was fitted on records ensembled by {fitted_with[:12]} and is used without that "
-                         f"ensemble; pass --ensemble FILE (the same file), or refit it on plain records")
-    if used_with and not fitted_with:
-        raise EelabError(f"{what} was fitted on plain records and is used with ensemble {used_with[:12]}; refit it on "
-                         f"the ensembled cal record (eelab evaluate ... --ensemble FILE --save-policy ...)")
-    raise EelabError(f"{what} was fitted with ensemble {str(fitted_with)[:12]} and is used with ensemble "
-                     f"{str(used_with)[:12]}; refit it with the ensemble you use")
-
-
-def ensemble_for(ensemble: "str | Path | ExitEnsemble | None", policy_info: dict[str, Any], num_exits: int,
+def ensemble_for(ensemble: "str | Path | ExitEnsemble | None", policy_source: dict[str, Any], num_exits: int,
                  num_classes: int, checkpoint_sha256: str | None = None) -> ExitEnsemble | None:
     """The ensemble a live runner uses (a file is loaded), checked against the network it runs with (K, C, the
-    checkpoint hash where both know it) and the policy's fit (plain policies with plain outputs, ensembled ones
-    with their own ensemble): one-line EelabError otherwise. None stays None (after the policy check)."""
+    checkpoint hash where both know it), and the policy (Policy.source) against the outputs it then decides on:
+    that network's, plain or through this ensemble (records.check_same_source). One-line EelabError otherwise.
+    None stays None (after the policy check)."""
     if ensemble is not None and not isinstance(ensemble, ExitEnsemble):
         ensemble = load_ensemble(ensemble)
+    network = {"checkpoint_sha256": checkpoint_sha256}
     if ensemble is not None:
         if ensemble.k != num_exits or ensemble.c != num_classes:
             raise EelabError(f"the ensemble was fitted on K={ensemble.k} exits and C={ensemble.c} classes, this model "
                              f"has K={num_exits}, C={num_classes}; fit one on its cal record")
-        fitted_on = ensemble.info.get("checkpoint_sha256")
-        if fitted_on and checkpoint_sha256 and fitted_on != checkpoint_sha256:
-            raise EelabError(f"the ensemble was fitted on checkpoint {fitted_on[:12]}, this model is "
-                             f"{checkpoint_sha256[:12]}; fit one on this checkpoint's cal record")
-    if policy_info:  # a fitted policy decides on the outputs it was fitted on: plain or this ensemble's
-        check_ensemble_match(policy_info.get("ensemble_sha256"), ensemble.sha256 if ensemble else None, "the policy")
+        check_same_source(ensemble.source, network, "the ensemble", "this model",
+                          "fit one on this checkpoint's cal record")
+    outputs = {**network, "ensemble_sha256": ensemble.sha256 if ensemble is not None else None}
+    check_same_source(policy_source, outputs, "the policy", "this model's outputs",
+                      "refit it on this checkpoint's cal record")
     return ensemble
 
 
@@ -274,5 +265,5 @@ def _shape(t: Any) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-__all__ = ["ExitEnsemble", "check_ensemble_match", "ensemble_for", "fit_ensemble", "identity_ensemble",
+__all__ = ["ExitEnsemble", "ensemble_for", "fit_ensemble", "identity_ensemble",
            "load_ensemble", "split_cal"]

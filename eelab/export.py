@@ -20,11 +20,12 @@ from .__version__ import __version__
 from .checkpoint import load_checkpoint, read_checkpoint_config
 from .ensemble import ExitEnsemble, ensemble_for
 from .errors import EelabError
-from .files import load_json, save_json, sha256_file, write_atomic
+from .files import check_output_folder, load_json, save_json, sha256_file, write_atomic
 from .inference import resolve_policy
 from .metrics import charged_costs
 from .models import MultiExitNet
 from .policies import Policy, load_policy, run_policy
+from .records import check_same_source
 
 FORMAT = "eelab.onnx_export"
 FORMAT_VERSION = 1
@@ -73,6 +74,9 @@ def export_model(model: MultiExitNet, config: dict[str, Any], out: str | Path, p
     out = Path(out)
     sha = config.get("checkpoint_sha256")
     _check_out(out, sha, overwrite)
+    if policy is not None:  # a policy fitted on another checkpoint never ships with this one's graphs
+        check_same_source(policy.source, {"checkpoint_sha256": sha}, "the policy", "the exported checkpoint",
+                          "refit it on this checkpoint's cal record")
     model = model.eval()
     (out / MANIFEST).unlink(missing_ok=True)  # until the new one is written, the directory reads as unfinished
     h = torch.zeros(2, *config["input_shape"])  # batch 2: an example batch of 1 would let export fix B to 1
@@ -104,10 +108,12 @@ def export_model(model: MultiExitNet, config: dict[str, Any], out: str | Path, p
 
 
 def _check_out(out: Path, sha: str | None, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory that is not a previous export of this checkpoint (unless overwrite)."""
+    """Refuse a file, a folder that cannot be made or written (under a file, read-only), or a non-empty directory
+    that is not a previous export of this checkpoint (unless overwrite); the folder is made."""
     if out.exists() and not out.is_dir():
         raise EelabError(f"--out {out} is a file; give a directory for the export")
-    if overwrite or not out.is_dir() or not any(out.iterdir()):
+    check_output_folder(out)
+    if overwrite or not any(out.iterdir()):
         return
     try:
         prev = json.loads((out / MANIFEST).read_text())
@@ -191,13 +197,10 @@ class OnnxEarlyExit:
         if policy is None and self.meta.get("policy"):
             policy = load_policy(self.path / POLICY_FILE)
         self.policy = resolve_policy(policy, None, params)
-        fitted_on, ours = self.policy.info.get("checkpoint_sha256"), self.meta.get("checkpoint_sha256")
-        if fitted_on and ours and fitted_on != ours:
-            raise EelabError(f"policy was fitted on checkpoint {fitted_on[:12]}, this export holds {ours[:12]}; refit "
-                             f"it on this checkpoint's cal record")
         self.policy.check_exits(self.num_exits)
-        # an exit ensemble (eelab.ensemble) combines the heads' outputs as live inference does, in torch
-        self.ensemble = ensemble_for(ensemble, self.policy.info, self.num_exits, len(self.class_names),
+        # an exit ensemble (eelab.ensemble) combines the heads' outputs as live inference does, in torch; the
+        # policy and the ensemble are checked against the exported checkpoint there
+        self.ensemble = ensemble_for(ensemble, self.policy.source, self.num_exits, len(self.class_names),
                                      self.meta.get("checkpoint_sha256"))
         self._wants_confidence = "confidences" in self.policy.INPUTS
         if self._wants_confidence and not self.meta.get("has_confidence"):

@@ -76,12 +76,10 @@ def figure_problems(fig: Figure) -> list[str]:
                     if dup:
                         problems.append(f"{what}s repeat: {', '.join(dup)}")
                         break
-            boxes = sorted((t.get_window_extent(renderer) for _, t in labels if t.get_visible()),
-                           key=lambda b: (b.x0, b.y0))
-            for a, b in zip(boxes, boxes[1:]):
-                if a.x1 - 1 > b.x0 and a.y1 - 1 > b.y0 and b.y1 - 1 > a.y0 and b.x1 - 1 > a.x0:
-                    problems.append(f"{what}s overlap each other")
-                    break
+            shown = sorted((t for _, t in labels if t.get_visible()),
+                           key=lambda t: tuple(t.get_window_extent(renderer).p0))
+            if any(_texts_overlap(a, b, renderer) for a, b in zip(shown, shown[1:])):
+                problems.append(f"{what}s overlap each other")
             formatter = axis.get_major_formatter()
             if isinstance(formatter, FixedFormatter) or type(formatter).__name__ == "StrCategoryFormatter":
                 continue  # categories: their labels are names, not values
@@ -131,6 +129,38 @@ def pdf_font_types(path: str | Path) -> set[str]:
     for match in re.finditer(rb"/Subtype\s*/(Type3|TrueType|Type1C?|Type0|CIDFontType[02]|OpenType|MMType1)\b", data):
         fonts.add(match.group(1).decode())
     return fonts
+
+
+def _text_corners(t: Text, renderer: Any) -> np.ndarray:
+    """The four corners [4, 2] (display pixels) of a text's own rectangle, turned by its rotation: a rotated
+    label's axis-aligned extent is wider than the label, and two slanted neighbours' extents overlap where the
+    labels do not."""
+    box = t.get_window_extent(renderer)
+    angle = t.get_rotation() % 180
+    if angle % 90 == 0:
+        return np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+    t.set_rotation(0)  # the unturned size (the same text, font and size)
+    try:
+        flat = t.get_window_extent(renderer)
+    finally:
+        t.set_rotation(angle)
+    theta = np.deg2rad(angle)
+    turn = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    corners = np.array([[0, 0], [flat.width, 0], [flat.width, flat.height], [0, flat.height]]) @ turn.T
+    return corners - corners.min(0) + [box.x0, box.y0]  # the turned rectangle fills the extent's corners
+
+
+def _texts_overlap(a: Text, b: Text, renderer: Any, slack: float = 1.0) -> bool:
+    """Whether two texts' turned rectangles overlap by more than slack pixels (separating axes: the two
+    rectangles' edge directions)."""
+    pa, pb = _text_corners(a, renderer), _text_corners(b, renderer)
+    for poly in (pa, pb):
+        for edge in (poly[1] - poly[0], poly[3] - poly[0]):
+            axis = edge / (np.hypot(*edge) or 1.0)
+            ra, rb = pa @ axis, pb @ axis
+            if ra.max() - slack <= rb.min() or rb.max() - slack <= ra.min():
+                return False
+    return True
 
 
 def _one_line(text: str) -> str:

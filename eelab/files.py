@@ -1,8 +1,8 @@
 """Atomic writes and safe reads of eelab's files (checkpoints, records, policies, JSON).
 
 write_atomic is the one writer (temp file named with its pid, fsync, rename; an interrupted write's temp is
-removed by the next write); check_output is the one check of an output path before work starts; save_json the
-one JSON writer (strict JSON: no NaN).
+removed by the next write); check_output is the one check of an output file before work starts, check_output_folder
+of an output folder; save_json the one JSON writer (strict JSON: no NaN).
 """
 from __future__ import annotations
 
@@ -167,6 +167,7 @@ def load_json(path: str | Path, what: str, fix: str) -> Any:
 
 
 _KINDS = {"eelab.exit_record": "exit record", "eelab.policy": "policy file", "eelab.exit_ensemble": "exit ensemble"}
+TAGGED_KINDS = frozenset(_KINDS.values())  # what file_kind calls eelab's own tagged torch files, whatever their name
 
 
 def file_kind(path: str | Path) -> str:
@@ -202,7 +203,33 @@ def check_output(path: str | Path, kind: str, overwrite: bool = False, option: s
         raise EelabError(f"{option} {path} is a directory; give a file path inside it, e.g. {path / 'out.pt'}")
     if path.exists() and not path.is_file():
         raise EelabError(f"{option} {path} is not a regular file (a FIFO or device); give a file path")
-    folder = path.parent
+    _check_writable(path, path.parent, option)
+    if path.is_file() and not overwrite:
+        found = file_kind(path)
+        if found not in (kind, "empty file"):
+            raise EelabError(f"{option} {path} already holds {_article(found)}, not {_article(kind)}; choose another "
+                             f"path, or pass --overwrite (overwrite=True in Python) to replace it")
+    return path
+
+
+def check_output_folder(folder: str | Path, option: str = "--out") -> Path:
+    """The one check of an output folder, made before any work starts: it is a folder or can be made (no file on
+    the way) and it is writable; it is made then. One-line EelabError naming the option and the fix."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise EelabError(f"{option} {folder} is a file, not a folder; give a folder path")
+    _check_writable(folder, folder, option)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EelabError(f"{option} {folder} cannot be made ({e.strerror or type(e).__name__}); choose another "
+                         "path") from None
+    return folder
+
+
+def _check_writable(path: Path, folder: Path, option: str) -> None:
+    """Refuse path (one-line EelabError) unless folder, or the nearest of its parents that exists, is a folder
+    this process can write in (a file made and removed there to find out)."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
@@ -213,12 +240,6 @@ def check_output(path: str | Path, kind: str, overwrite: bool = False, option: s
     except OSError as e:
         raise EelabError(f"{option} {path} cannot be written: folder {folder} is not writable "
                          f"({e.strerror or type(e).__name__}); choose another path") from None
-    if path.is_file() and not overwrite:
-        found = file_kind(path)
-        if found not in (kind, "empty file"):
-            raise EelabError(f"{option} {path} already holds {_article(found)}, not {_article(kind)}; choose another "
-                             f"path, or pass --overwrite (overwrite=True in Python) to replace it")
-    return path
 
 
 def _article(kind: str) -> str:

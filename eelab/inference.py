@@ -22,12 +22,11 @@ from .data import check_image_path, load_dataset, load_image, prepare
 from .device import cast_for_inference, cast_input, inference_precision
 from .ensemble import ExitEnsemble, ensemble_for
 from .errors import EelabError
-from .files import sha256_file
 from .metrics import charged_costs
 from .models import MultiExitNet, count_macs
 from .policies import Policy, decide_step, make_policy, run_policy, state_rows
 from .policies.base import State
-from .records import check_record_of, load_record
+from .records import checkpoint_source, load_record
 
 
 @dataclass(frozen=True)
@@ -75,25 +74,19 @@ def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | 
 
     A named policy that must be fitted is fitted on `cal.pt` in the checkpoint directory when it is there (with
     an ensemble: on the ensembled part of cal the ensemble was not fitted on). None means the default threshold
-    policy (max-prob >= 0.9).
+    policy (max-prob >= 0.9). Whether a fitted policy belongs to the network is checked where the two meet (the
+    runners: ensemble.ensemble_for; export_model), whichever way the policy came.
     """
     if isinstance(policy, Policy):
         return policy
     pol = make_policy(policy if policy is not None else "threshold", **(params or {}))
-    fitted_on = pol.info.get("checkpoint_sha256")
-    if fitted_on and checkpoint is not None and (Path(checkpoint) / "model.pt").is_file():
-        ours = sha256_file(Path(checkpoint) / "model.pt")
-        if fitted_on != ours:
-            raise EelabError(f"policy file {policy} was fitted on checkpoint {fitted_on[:12]}, not on {checkpoint} "
-                             f"({ours[:12]}); refit it on this checkpoint's cal record")
     if pol.needs_fit() and not pol.fitted:
         cal = Path(checkpoint) / "cal.pt" if checkpoint is not None else None
         if cal is None or not cal.is_file():
             raise EelabError(f"policy {pol.name} must be fitted on a cal record and {cal} is missing; record it "
                              f"with `eelab record CHECKPOINT --split cal --out CHECKPOINT/cal.pt` or give a saved "
                              f"policy file")
-        cal_record = load_record(cal)
-        check_record_of(cal_record, checkpoint, str(cal))  # e.g. a cal.pt left beside a model trained later
+        cal_record = load_record(cal)  # checked against the model.pt beside it (a cal.pt left by an older model)
         pol.fit(cal_record if ensemble is None else ensemble.apply(cal_record))
     return pol
 
@@ -104,13 +97,16 @@ class EarlyExitPredictor:
     predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C], MACs [B].
     stream(images) -> each image's Exited, in input order, every stage run on full batches.
     precision fp32 (default), bf16 or auto (bf16 on a CPU with native bf16): bf16 runs a copy of the model
-    cast once to bfloat16 and channels_last; logits come back in fp32 either way.
+    cast once to bfloat16 and channels_last; logits come back in fp32 either way. config is the checkpoint's
+    config.json; with a "checkpoint_sha256" (from_checkpoint adds it) a policy or ensemble fitted on another
+    checkpoint is refused.
     """
 
     def __init__(self, model: MultiExitNet, config: dict[str, Any], policy: Policy,
                  device: str | torch.device = "cpu", precision: str = "fp32", ensemble: ExitEnsemble | None = None):
         self.device = torch.device(device)
-        self.ensemble = ensemble_for(ensemble, policy.info, model.num_exits, len(config["class_names"]))
+        self.ensemble = ensemble_for(ensemble, policy.source, model.num_exits, len(config["class_names"]),
+                                     config.get("checkpoint_sha256"))
         self.precision = inference_precision(precision, self.device)
         self.model = cast_for_inference(model.eval().to(device), self.precision)
         self.config = config
@@ -138,9 +134,9 @@ class EarlyExitPredictor:
         """Load a checkpoint directory, a policy (name, saved file or Policy; see resolve_policy) and optionally
         an exit ensemble (file or ExitEnsemble) fitted on this checkpoint."""
         model, cfg = load_checkpoint(path, device)
+        cfg = {**cfg, **checkpoint_source(path)}  # its sha256: what the policy and ensemble are checked against
         if ensemble is not None:  # loaded and tied to this checkpoint before any policy is fitted with it
-            ensemble = ensemble_for(ensemble, {}, model.num_exits, len(cfg["class_names"]),
-                                    sha256_file(Path(path) / "model.pt"))
+            ensemble = ensemble_for(ensemble, {}, model.num_exits, len(cfg["class_names"]), cfg["checkpoint_sha256"])
         return cls(model, cfg, resolve_policy(policy, path, params, ensemble), device, precision, ensemble)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:

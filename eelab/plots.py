@@ -7,14 +7,17 @@ notebook shows each exactly once (as the cell's value) and nothing piles up in p
 Paper grade: every figure takes size="column" (3.3 in wide) or "page" (6.9 in, two columns) or a width in
 inches, and is drawn at that final size with fonts of 7-8 pt; policy families keep one colour, marker and line
 style in every figure (policy_style, plotly_style for the widgets); legends sit below the axes, off the data;
-percent ticks print their exact values. export_figure refuses a figure that eelab.figcheck.figure_problems finds
-a problem in (text off the canvas, series that look the same, tick labels that round, legends over data) or
-whose PDF would embed a Type 3 font, unless check=False.
+percent ticks print their exact values; redraw(fig, size) draws a plot_* figure again at another size.
+export_figure refuses a figure that eelab.figcheck.figure_problems finds a problem in (text off the canvas,
+series that look the same, tick labels that round, legends over data) or whose PDF would embed a Type 3 font,
+unless check=False.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ SIZES: dict[str, float] = {"column": 3.3, "page": 6.9}  # figure widths in inche
 # One look per policy family, the same in every matplotlib figure and plotly panel (widgets use policy_style
 # too). Colours: Okabe-Ito (colour-blind safe) plus Tol's wine and indigo; each family also has its own marker
 # and line style, so a greyscale print still tells them apart. Members of one family (risk's deltas, dqn's
-# lambdas, alpha's seeds) keep the family's colour and step through other markers and line styles.
+# cost_weights, alpha's seeds) keep the family's colour and step through other markers and line styles.
 FAMILY_STYLES: dict[str, dict[str, Any]] = {
     "threshold": {"color": "#0072B2", "marker": "o", "linestyle": "-"},
     "patience": {"color": "#E69F00", "marker": "s", "linestyle": (0, (5, 2))},
@@ -67,7 +70,7 @@ _HATCHES = ("", "////", "....", "xxxx", "\\\\\\\\", "oo", "++", "--", "||", "**"
 
 
 def policy_family(name: str) -> str:
-    """The family a series name belongs to: 'alpha', 'alpha 1', 'alpha seed=2', 'dqn lambda=0.3' -> its first
+    """The family a series name belongs to: 'alpha', 'alpha 1', 'alpha seed=2', 'dqn cost_weight=0.3' -> its first
     word when that is a known family, else the whole name."""
     first = str(name).strip().split(" ")[0].split("=")[0].split("(")[0].lower()
     return first if first in FAMILY_STYLES else str(name)
@@ -120,11 +123,35 @@ def _styles(names: Sequence[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _redrawable(plot: Callable[..., Figure]) -> Callable[..., Figure]:
+    """plot_* as it is, keeping its call on the figure it returns, so redraw() can draw the figure again at
+    another size (an export at column or page width of figures a notebook drew at their default size)."""
+    @functools.wraps(plot)
+    def drawn(*args: Any, **kwargs: Any) -> Figure:
+        fig = plot(*args, **kwargs)
+        fig._eelab_call = (drawn, args, kwargs)
+        return fig
+    return drawn
+
+
+def redraw(fig: Figure, size: str | float | None) -> Figure:
+    """The figure drawn again by the plot_* call that made it, at size ("column", "page" or a width in inches);
+    size None or "default", or a figure no plot_* drew, gives fig itself."""
+    call = getattr(fig, "_eelab_call", None)
+    if size in (None, "default") or call is None:
+        return fig
+    plot, args, kwargs = call
+    bound = inspect.signature(plot).bind(*args, **kwargs)
+    bound.arguments["size"] = size
+    return plot(*bound.args, **bound.kwargs)
+
+
 _AXIS = {"rel_macs": "mean MACs / plain network's MACs", "rel_ms": "mean latency / plain network's latency",
          "mean_macs": "mean MACs per image", "mean_ms": "mean latency per image (ms)",
          "compute_saved": "compute saved (MACs)", "accuracy": "test accuracy"}
 
 
+@_redrawable
 def plot_frontiers(frontiers: Mapping[str, pd.DataFrame], oracle: pd.DataFrame | None = None,
                    static: pd.DataFrame | None = None, selected: Mapping[str, Mapping[str, float]] | None = None,
                    x: str = "rel_macs", y: str = "accuracy", title: str | None = None,
@@ -165,6 +192,7 @@ def plot_frontiers(frontiers: Mapping[str, pd.DataFrame], oracle: pd.DataFrame |
     return _closed(fig)
 
 
+@_redrawable
 def plot_exit_distribution(fractions: Mapping[str, Sequence[float]], title: str | None = None,
                            size: str | float = "column") -> Figure:
     """Grouped bars of the fraction of test samples leaving at each exit, one group per exit, one bar per policy.
@@ -181,6 +209,7 @@ def plot_exit_distribution(fractions: Mapping[str, Sequence[float]], title: str 
     return _closed(fig)
 
 
+@_redrawable
 def plot_exit_profile(table: pd.DataFrame, published: Sequence[float] | None = None,
                       published_label: str = "published", size: str | float = "column") -> Figure:
     """Per exit: accuracy on cal and test as bars, and each exit's MACs relative to the plain network as a line.
@@ -219,6 +248,7 @@ def plot_exit_profile(table: pd.DataFrame, published: Sequence[float] | None = N
     return _closed(fig)
 
 
+@_redrawable
 def plot_reference_exits(table: pd.DataFrame, published: Mapping[str, tuple[float, float]] | None = None,
                          size: str | float = "column") -> Figure:
     """Test accuracy against MACs of every exit of several networks, one line each, each point labelled with its
@@ -256,6 +286,7 @@ def plot_reference_exits(table: pd.DataFrame, published: Mapping[str, tuple[floa
     return _closed(fig)
 
 
+@_redrawable
 def plot_class_heatmap(table: pd.DataFrame, title: str | None = None, fmt: str = ".0%",
                        cmap: str = "viridis", size: str | float | None = None) -> Figure:
     """A heatmap of a classes x columns table of fractions (per-class accuracy by policy, or exit fractions).
@@ -284,6 +315,7 @@ def plot_class_heatmap(table: pd.DataFrame, title: str | None = None, fmt: str =
     return _closed(fig)
 
 
+@_redrawable
 def plot_reliability(bins: pd.DataFrame, title: str | None = None, size: str | float = "page") -> Figure:
     """Reliability diagrams, one panel per exit: accuracy against mean confidence per bin, the diagonal for a
     calibrated exit, bar widths the bins. bins: workbench.reliability_bins rows. size: "column" (two panels a
@@ -309,6 +341,7 @@ def plot_reliability(bins: pd.DataFrame, title: str | None = None, size: str | f
     return _closed(fig)
 
 
+@_redrawable
 def plot_confidence(confidences: pd.DataFrame, title: str | None = None, size: str | float = "page") -> Figure:
     """Per-exit histograms of max-prob confidence, right and wrong predictions stacked.
 
@@ -337,6 +370,7 @@ def plot_confidence(confidences: pd.DataFrame, title: str | None = None, size: s
 _EXIT_COLORS = ("#332288", "#117733", "#DDAA33", "#AA3377", "#44AA99", "#882255", "#999933", "#6699CC")
 
 
+@_redrawable
 def plot_training(history: Sequence[Mapping[str, Any]], title: str | None = None,
                   size: str | float = "page") -> Figure:
     """Training curves: per-exit accuracy on cal by epoch (first panel) and the training loss (second).
@@ -372,6 +406,7 @@ def plot_training(history: Sequence[Mapping[str, Any]], title: str | None = None
     return _closed(fig)
 
 
+@_redrawable
 def plot_examples(examples: Any, columns: int | None = None, size: str | float = "page") -> Figure:
     """A grid of test images titled with the exit each took and its prediction (red, with "(is ...)", when wrong).
 
@@ -407,6 +442,7 @@ def plot_examples(examples: Any, columns: int | None = None, size: str | float =
     return _closed(fig)
 
 
+@_redrawable
 def plot_risk(table: pd.DataFrame, title: str | None = None, size: str | float = "column") -> Figure:
     """Realised test risk against the risk level epsilon, one line per delta (risk family, one marker and dash
     per delta, hollow markers of falling size so coinciding points stay visible; deltas whose lines coincide
@@ -445,6 +481,7 @@ def plot_risk(table: pd.DataFrame, title: str | None = None, size: str | float =
     return _closed(fig)
 
 
+@_redrawable
 def plot_sensitivity(table: pd.DataFrame, param: str, title: str | None = None,
                      size: str | float = "column") -> Figure:
     """Test accuracy (left axis) and compute saved (right axis) against one parameter, mean with a band of
@@ -476,6 +513,7 @@ def plot_sensitivity(table: pd.DataFrame, param: str, title: str | None = None,
     return _closed(fig)
 
 
+@_redrawable
 def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: str | None = None,
                       size: str | float = "page") -> Figure:
     """DQN training, one style per agent (dqn's colour, a marker and dash each): the greedy agent's mean reward
@@ -510,6 +548,7 @@ def plot_dqn_training(traces: Mapping[str, Sequence[Mapping[str, Any]]], title: 
     return _closed(fig)
 
 
+@_redrawable
 def plot_split(table: pd.DataFrame, title: str | None = None, size: str | float = "page") -> Figure:
     """An edge/cloud split per split point: images answered on the device and device ms (left), bytes sent (right).
 
@@ -737,4 +776,4 @@ def _wrap(text: str, width: float, fontsize: float = 8) -> str:
 __all__ = ["FAMILY_STYLES", "SIZES", "export_figure", "plot_class_heatmap", "plot_confidence", "plot_dqn_training",
            "plot_examples", "plot_exit_distribution", "plot_exit_profile", "plot_frontiers", "plot_reference_exits",
            "plot_reliability", "plot_risk",
-           "plot_sensitivity", "plot_split", "plot_training", "plotly_style", "policy_family", "policy_style"]
+           "plot_sensitivity", "plot_split", "plot_training", "plotly_style", "policy_family", "policy_style", "redraw"]

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .device import cast_for_inference, cast_input, inference_precision
 from .errors import EelabError
-from .files import check_output, load_tagged, save_torch
+from .files import check_output, load_tagged, save_torch, sha256_file
 from .models import MultiExitNet
 
 FORMAT = "eelab.exit_record"
@@ -129,6 +129,13 @@ class ExitRecord:
         return self.logits.shape[2]
 
     @property
+    def source(self) -> dict[str, Any]:
+        """Where the outputs come from, for check_same_source: the checkpoint's sha256 (None in a synthetic record)
+        and the exit ensemble's (None: plain exits)."""
+        return {"checkpoint_sha256": self.meta.get("checkpoint_sha256"),
+                "ensemble_sha256": self.meta.get("ensemble_sha256")}
+
+    @property
     def class_names(self) -> list[str]:
         """Class names from meta, or '0'..'C-1'."""
         return list(self.meta.get("class_names") or [str(i) for i in range(self.c)])
@@ -150,8 +157,8 @@ class ExitRecord:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the record atomically (temp file and rename); a file of another kind at `path` (model weights, a
-        policy) is refused unless overwrite."""
-        check_output(path, "exit record", overwrite, option="record")
+        policy) is refused unless overwrite, and so is a folder holding another checkpoint's model.pt."""
+        check_record_output(path, self.source, overwrite, option="record")
         return save_torch(self.to_dict(), path)
 
     @classmethod
@@ -175,10 +182,13 @@ class ExitRecord:
         meta = dict(meta)
         meta.setdefault("format_version", version)
         try:
-            return cls(logits=d["logits"], labels=d["labels"], indices=d["indices"], costs=d["costs"],
-                       full_cost=float(d["full_cost"]), meta=meta, confidences=d.get("confidences"))
+            record = cls(logits=d["logits"], labels=d["labels"], indices=d["indices"], costs=d["costs"],
+                         full_cost=float(d["full_cost"]), meta=meta, confidences=d.get("confidences"))
         except EelabError as e:
             raise EelabError(f"{path}: {e}") from None
+        # a record beside a model.pt is read as that model's (cal.pt by default): it must come from it
+        check_record_of(record, Path(path).parent, f"record {path}")
+        return record
 
 
 def load_record(path: str | Path) -> ExitRecord:
@@ -186,22 +196,69 @@ def load_record(path: str | Path) -> ExitRecord:
     return ExitRecord.load(path)
 
 
+def check_same_source(a: Mapping[str, Any], b: Mapping[str, Any], what_a: str, what_b: str, fix: str) -> None:
+    """The one check that two things may meet: they come from the same checkpoint and went through the same exit
+    ensemble. One-line EelabError naming both, their hashes and the fix.
+
+    a, b: sources, as ExitRecord.source, Policy.source, ExitEnsemble.source and checkpoint_source give them. A
+    checkpoint sha256 is compared only when both carry one (a synthetic record carries none); the ensemble only
+    when both say which one they went through (an "ensemble_sha256" key; None: plain exits). fix: what to do
+    about another checkpoint (an ensemble mismatch says what to do about it).
+    """
+    if "ensemble_sha256" in a and "ensemble_sha256" in b and a["ensemble_sha256"] != b["ensemble_sha256"]:
+        ea, eb = (str(s)[:12] if s else None for s in (a["ensemble_sha256"], b["ensemble_sha256"]))
+        if ea and eb:
+            problem = f"{what_a} and {what_b} are ensembled differently (ensemble {ea} vs {eb})"
+        elif ea:
+            problem = (f"{what_a} is for exits ensembled by {ea} and {what_b} for plain exits (used without that "
+                       f"ensemble)")
+        else:
+            problem = f"{what_a} is for plain exits and {what_b} for exits ensembled by {eb}"
+        raise EelabError(f"{problem}; use the same exit ensemble on both (--ensemble FILE), or none on either")
+    sa, sb = a.get("checkpoint_sha256"), b.get("checkpoint_sha256")
+    if sa and sb and sa != sb:
+        raise EelabError(f"{what_a} and {what_b} come from different checkpoints ({str(sa)[:12]} vs {str(sb)[:12]}); "
+                         f"{fix}")
+
+
+def checkpoint_source(checkpoint: str | Path) -> dict[str, Any]:
+    """The source of a checkpoint directory's network for check_same_source: the sha256 of its model.pt ({} where
+    the directory holds none)."""
+    weights = Path(checkpoint) / "model.pt"
+    return {"checkpoint_sha256": sha256_file(weights)} if weights.is_file() else {}
+
+
 def check_same_model(a: ExitRecord, b: ExitRecord, what_a: str = "record", what_b: str = "cal record") -> None:
     """Raise a one-line EelabError unless two records come from the same model and checkpoint (and, where
     ensembled, the same exit ensemble)."""
-    ea, eb = a.meta.get("ensemble_sha256"), b.meta.get("ensemble_sha256")
-    if ea != eb:  # plain and ensembled outputs (or two ensembles) never mix; checked first, as their costs differ too
-        show = [e[:12] if e else "none (plain)" for e in (ea, eb)]
-        raise EelabError(f"{what_a} and {what_b} are ensembled differently (ensemble {show[0]} vs {show[1]}); "
-                         f"apply the same ensemble file to both (--ensemble FILE)")
+    # first: plain and ensembled outputs (or two ensembles) never mix, and their costs differ too
+    check_same_source(a.source, b.source, what_a, what_b, "record both splits from the same checkpoint")
     if a.k != b.k or a.c != b.c or not torch.allclose(a.costs, b.costs) or a.full_cost != b.full_cost:
         raise EelabError(f"{what_a} and {what_b} come from different models (K={a.k}/{b.k}, C={a.c}/{b.c}, "
                          f"costs differ={not torch.allclose(a.costs, b.costs) if a.k == b.k else True}); "
                          f"record both splits from the same checkpoint")
-    sa, sb = a.meta.get("checkpoint_sha256"), b.meta.get("checkpoint_sha256")
-    if sa and sb and sa != sb:
-        raise EelabError(f"{what_a} and {what_b} come from different checkpoints ({sa[:12]} vs {sb[:12]}); "
-                         f"record both splits from the same checkpoint")
+
+
+def check_record_of(record: ExitRecord, checkpoint: str | Path, what: str = "record") -> None:
+    """Raise a one-line EelabError when a record names a checkpoint hash other than the model.pt in `checkpoint`
+    (e.g. records left beside a model trained later into the same folder). Nothing to compare: no error."""
+    if record.meta.get("checkpoint_sha256"):  # a synthetic record has nothing to compare: model.pt is not hashed
+        split = record.meta.get("split") or "{cal,test}"
+        check_same_source(record.source, checkpoint_source(checkpoint), what, str(Path(checkpoint) / "model.pt"),
+                          f"record it again with `eelab record {checkpoint} --split {split} --out FILE`, or move "
+                          f"it out of {checkpoint}")
+
+
+def check_record_output(path: str | Path, source: Mapping[str, Any], overwrite: bool = False,
+                        option: str = "--out") -> Path:
+    """The one check of where an exit record goes, before any work: check_output's, and a folder holding a
+    checkpoint's model.pt takes only records of that checkpoint (source: the record's, or the checkpoint's about to
+    be recorded), since a record beside a model.pt is read as that model's."""
+    path = check_output(path, "exit record", overwrite, option=option)
+    if source.get("checkpoint_sha256"):
+        check_same_source(source, checkpoint_source(path.parent), f"{option} {path}", str(path.parent / "model.pt"),
+                          "write a checkpoint's records into its own folder, or into one without a model.pt")
+    return path
 
 
 @torch.no_grad()
@@ -244,7 +301,6 @@ def record_checkpoint(checkpoint: str | Path, split: str, limit: int | None = No
     """
     from .__version__ import __version__
     from .data import load_dataset, prepare, split_train_cal
-    from .files import sha256_file
     from .checkpoint import load_checkpoint, sha_indices
 
     if split not in ("cal", "test"):
@@ -316,22 +372,7 @@ def load_records(checkpoint: str | Path, limit: int | None = None, seed: int = 0
             record = record.subset(torch.randperm(record.n, generator=gen)[:limit].sort().values)
         records.append(record)
     check_same_model(records[1], records[0], f"{checkpoint}/test.pt", f"{checkpoint}/cal.pt")
-    check_record_of(records[0], checkpoint, f"{checkpoint}/cal.pt")
-    return records[0], records[1]
-
-
-def check_record_of(record: ExitRecord, checkpoint: str | Path, what: str = "record") -> None:
-    """Raise a one-line EelabError when a record names a checkpoint hash other than the model.pt in `checkpoint`
-    (e.g. records left beside a model trained later into the same folder). Nothing to compare: no error."""
-    from .files import sha256_file
-
-    weights = Path(checkpoint) / "model.pt"
-    recorded_on = record.meta.get("checkpoint_sha256")
-    if recorded_on and weights.is_file():
-        ours = sha256_file(weights)
-        if recorded_on != ours:
-            raise EelabError(f"{what} was recorded from checkpoint {str(recorded_on)[:12]}, not from {weights} "
-                             f"({ours[:12]}); record it again with `eelab record {checkpoint} --split ... --out ...`")
+    return records[0], records[1]  # each was checked against the model.pt beside it when loaded
 
 
 def latency_record(record: ExitRecord, profile: Mapping[str, Any]) -> ExitRecord:

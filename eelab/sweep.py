@@ -8,8 +8,10 @@ row up (DESIGN: cache once, decide many). Both fit through fit_points, the one p
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +78,9 @@ def fit_points(factory: Factory, points: Sequence[Mapping[str, Any]], cal: ExitR
     (cache_path), so a learned family is trained once across notebooks and runs. fit(i, policy): how to fit
     point i (e.g. with a live-plot callback); without it a family with a batched `fit_grid(points, cal)`
     classmethod fits the missing points in one go, others one by one. found(i, policy) is called for each
-    point read from the cache. progress: a tqdm bar over the points to fit (a batched fit_grid moves it once,
-    when the batch is done); none when nothing needs fitting.
+    point read from the cache. progress: a tqdm bar over the points to fit; none when nothing needs fitting.
+    During a batched fit_grid the bar's clock keeps running, and a fit_grid that takes callback= (called with
+    the share of the run done, 0 to 1) moves the bar as it goes.
     """
     points = [dict(point) for point in points]
     # only what a fit learns is worth a file; a family with nothing to fit is rebuilt from its parameters
@@ -99,8 +102,8 @@ def fit_points(factory: Factory, points: Sequence[Mapping[str, Any]], cal: ExitR
         if fit is not None:
             fresh = [_advance(bar, fit(i, factory(**points[i]))) for i in missing]
         elif batched:
-            fresh = list(fit_grid([points[i] for i in missing], cal))
-            bar.update(len(learned))
+            fresh = list(_fit_batched(fit_grid, [points[i] for i in missing], cal, bar))
+            bar.update(len(learned) - bar.n)
         else:
             fresh = [_advance(bar, factory(**points[i]).fit(cal)) for i in missing]
     for i, policy in zip(missing, fresh):
@@ -294,6 +297,34 @@ def _bar(iterable: Any, desc: str, progress: bool, total: int | None = None) -> 
     if isinstance(iterable, int):
         return tqdm(total=iterable, desc=desc, disable=not progress, leave=False, delay=0.5)
     return tqdm(iterable, desc=desc, total=total, disable=not progress, leave=False, delay=0.5)
+
+
+def _fit_batched(fit_grid: Callable[..., Sequence[Policy]], points: list[dict[str, Any]], cal: ExitRecord,
+                 bar: Any) -> Sequence[Policy]:
+    """fit_grid(points, cal) with the bar alive while it runs: the bar follows the share done when fit_grid
+    takes callback=, and its clock is redrawn every half second either way (a batched run is one long call)."""
+    def report(done: float) -> None:
+        target = min(bar.total or 0, int(float(done) * (bar.total or 0)))
+        if target > bar.n:
+            bar.update(target - bar.n)
+
+    kwargs = {"callback": report} if "callback" in inspect.signature(fit_grid).parameters else {}
+    if bar.disable:
+        return fit_grid(points, cal, **kwargs)
+    stop = threading.Event()
+    bar.refresh()  # shown from this thread; the ticker only redraws it
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="eelab-fit-clock", daemon=True)
+    ticker.start()
+    try:
+        return fit_grid(points, cal, **kwargs)
+    finally:
+        stop.set()
+        ticker.join()
 
 
 def _advance(bar: Any, value: Any) -> Any:

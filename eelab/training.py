@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (checkpoint_config, claim_run, load_checkpoint, load_state, read_checkpoint_config,
-                         read_history, save_checkpoint)
-from .data import DATASETS, augment, channel_stats, load_dataset, prepare, split_train_cal
+                         read_history, remove_run, save_checkpoint)
+from .data import (DATASETS, augment, channel_stats, check_seed, image_side, load_dataset, prepare,
+                   split_train_cal)
 from .device import cpu_bf16_flags, default_device
 from .errors import EelabError, EelabWarning
 from .models import TORCHVISION_BACKBONES, ModelConfig, MultiExitNet, build_model, measure_costs, plan_exits
@@ -43,7 +44,6 @@ OBJECTIVES = ("joint", "eenet")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3}
 MIN_CAL_PER_CLASS = 10  # fewer cal images of a class than this: a one-line warning
-MAX_SEED = 2**32 - 1  # seed + per-epoch offsets must stay inside torch's 64-bit generator seeds
 
 
 def _option(default: Any, help: str, **meta: Any) -> Any:
@@ -106,8 +106,8 @@ class TrainConfig:
     objective: str = _option("joint", "joint: weighted cross-entropy per exit; eenet: EENets confidence branches "
                                       "trained with cost (records then carry confidences; policy confidence)",
                              choices=OBJECTIVES)
-    cost_weight: float = _option(0.0, "eenet: lambda, the weight of the expected normalised cost",
-                                 metavar="LAMBDA")
+    cost_weight: float = _option(0.0, "eenet: the weight of the expected normalised cost (EENets' lambda)",
+                                 metavar="WEIGHT")
 
     def __post_init__(self) -> None:
         """Refuse a bad value or combination in one line, when the config is made (CLI, Python or a checkpoint)."""
@@ -143,12 +143,14 @@ class TrainConfig:
             ("head_lr_scale", self.head_lr_scale > 0, "above 0"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
             ("translate", self.translate >= 0, "at least 0"),
-            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (eelab offsets it for its generators, which "
-                                                 "take 64-bit seeds)"),
         )
         for name, ok, need in ranges:
             if not ok:
                 raise EelabError(f"{_flag(own[name])} must be {need}, got {getattr(self, name)}")
+        check_seed(self.seed, _flag(own["seed"]))
+        side = image_side(self.dataset, self.image_size)
+        if side is not None:  # else (an image folder at its own size) checked once its images are loaded
+            self.check_translate(side)
         if self.objective == "eenet" and (self.plain or self.heads_only):
             raise EelabError("--objective eenet trains exits and confidence branches together; drop "
                              "--plain/--heads-only")
@@ -159,6 +161,12 @@ class TrainConfig:
             raise EelabError("--plain trains the last exit alone; drop --loss-weights and --distill")
         if self.heads_only and not self.init:
             raise EelabError("--heads-only trains heads on a trained backbone: pass --init CHECKPOINT")
+
+    def check_translate(self, side: int) -> None:
+        """Refuse a --translate that reflect padding of images side pixels wide cannot do (a shift below the side)."""
+        if self.augment and self.translate >= side:
+            raise EelabError(f"--translate must be below the image side ({side} pixels), got {self.translate}; lower "
+                             f"--translate")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -352,6 +360,7 @@ class _Run:
     progress: bool
     callback: Callable[[dict], None] | None
     half_weights: bool
+    replaces: bool = False  # --overwrite: the run in `out` is removed just before the first checkpoint is written
 
 
 @dataclass(frozen=True)
@@ -403,7 +412,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     (device cuda:LOCAL_RANK), gloo on the CPU; each rank takes its share of every global batch (--batch-size is
     the global batch), rank 0 alone writes the checkpoint, shows progress and calls callback.
     `out` is claimed first (checkpoint.claim_run; rank 0 holds the lock): a directory holding another run is
-    refused unless overwrite=True, which removes that run's files, records, summary and policies.
+    refused unless overwrite=True, which removes that run's files, records, summary, policies and ensembles just
+    before the first checkpoint is written (a run that fails before then leaves the old one whole).
     """
     rank, world, local = _world()
     dev = torch.device(device) if device is not None else default_device()
@@ -450,7 +460,7 @@ def _train(cfg: TrainConfig, resume: bool, run: _Run, overwrite: bool = False) -
     """One run (one rank of it under torchrun): claim the output (rank 0), then the phases."""
     dtype = choose_precision(cfg.precision, run.device)
     with claim_run(run.out, resume, overwrite) if run.rank == 0 else nullcontext():
-        return _phases(cfg, resume, run, dtype)
+        return _phases(cfg, resume, replace(run, replaces=overwrite and not resume), dtype)
 
 
 def _phases(cfg: TrainConfig, resume: bool, run: _Run, dtype: torch.dtype | None) -> Path:
@@ -485,6 +495,7 @@ def _load_data(cfg: TrainConfig, run: _Run) -> tuple[TrainConfig, _Data]:
     ds = load_dataset(cfg.dataset, cfg.image_size, progress=run.progress)
     if run.rank == 0:
         _barrier(run.world, run.device)
+    cfg.check_translate(min(ds.image_shape[1:]))  # an image folder's size is known only now
     train_idx, cal_idx = split_train_cal(ds.train_images.shape[0], cfg.cal_size, cfg.seed)
     if cal_idx.numel() and run.rank == 0:
         per_class = torch.bincount(ds.train_labels[cal_idx], minlength=ds.num_classes)
@@ -793,6 +804,8 @@ def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: lis
              "generator": parts.gen.get_state(), "torch_rng": torch.get_rng_state()}
     if parts.ema is not None:
         state["ema"] = {k: v.detach().cpu().clone() for k, v in parts.ema.state_dict().items()}
+    if run.replaces and epochs_done == 1:  # the old run goes only now: a run that failed before left it whole
+        remove_run(run.out)
     save_checkpoint(run.out, parts.kept, ckpt_cfg, history, state, run.half_weights)
 
 

@@ -4,8 +4,9 @@ A control's callback only looks a row up in a sweep.PolicyGrid (every point fitt
 on test once) and writes it into FigureWidget traces inside `fig.batch_update()`: no policy is fitted and no
 network runs on a move. Each panel builds its figures in their initial state before wiring the controls
 (a view created later shows that state). `paper_figures()` redraws a panel's current state with
-eelab.plots for export; ExportControl writes them with a manifest (paper_provenance() says which records and
-policies a panel shows). Every policy trace takes its family's look from plots.plotly_style, the look the
+eelab.plots for export, at one-column or two-column size; ExportControl writes them with a manifest
+(paper_provenance() says which records and policies a panel shows, workbench.made_with what made any other
+figure or table). Every policy trace takes its family's look from plots.plotly_style, the look the
 matplotlib exports take from plots.policy_style, so a family has one colour in every panel and figure.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,22 +24,25 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from . import plots
 from .figcheck import figure_problems
-from .files import save_json
+from .files import save_json, sha256_file
 from .tables import export_table
-from .errors import EelabError
+from .errors import EelabError, EelabWarning
 from .policies import Policy, show_value
 from .sweep import PolicyGrid, fit_points, precompute_grid
-from .workbench import (class_exits, cost_range, export_manifest, frontier_areas, grid_identity, oracle_points,
-                        record_identity, risk_table)
+from .workbench import (MadeWith, class_exits, cost_range, export_manifest, frontier_areas, grid_identity,
+                        oracle_points, record_identity, risk_table)
 
 # Training curves are one per exit, not per policy: a sequential palette (exit 0 light to the last exit dark).
 _EXIT_COLORS = ("#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
 _WIDE = {"description_width": "initial"}  # a control's label shown in full, never cut to "cost_wei..."
 _FIT = widgets.Layout(width="auto")  # a button as wide as its text ("export to figures/", not "export to figur...")
 _TABLE_STYLE = "border-spacing: 14px 2px; text-align: right"  # readout tables: room between the columns
+_SIZE_CHOICES = (("as drawn", "default"), ("one column, 3.3 in", "column"), ("two columns, 6.9 in", "page"))
+_TICK_DECIMALS = 4  # the most decimals a plotly tick label prints (plots' matplotlib ticks print as many)
 _AXIS_TITLE = {"rel_macs": "mean MACs / plain network's MACs",
                "rel_ms": "mean latency / plain network's latency (measured, batch 1)"}
 
@@ -123,23 +128,25 @@ class PolicySliderPanel(widgets.VBox):
         except (EelabError, OSError) as e:
             self.saved.value = f"<span style='color:#b00'>not saved: {html.escape(str(e))}</span>"
 
-    def paper_figures(self) -> dict[str, Figure]:
-        """The panel's current state as matplotlib figures (eelab.plots), for export."""
-        x = self.x
+    def paper_figures(self, size: str | float | None = None) -> dict[str, Figure]:
+        """The panel's current state as matplotlib figures (eelab.plots), for export; size: "column", "page",
+        inches, or None / "default" (each plot's own default)."""
+        x, sized = self.x, _sized(size)
         selected = {name: dict(grid.table.loc[self.selection[name], [x, "accuracy"]])
                     for name, grid in self.grids.items()}
         figures = {
             "frontier": plots.plot_frontiers({name: grid.table for name, grid in self.grids.items()},
                                              oracle=self.oracle, static=None if self.static is None else
-                                             self.static.table, selected=selected, x=x),
+                                             self.static.table, selected=selected, x=x, **sized),
             "exit_distribution": plots.plot_exit_distribution(
-                {name: grid.points[self.selection[name]]["exit_fractions"] for name, grid in self.grids.items()}),
+                {name: grid.points[self.selection[name]]["exit_fractions"] for name, grid in self.grids.items()},
+                **sized),
         }
         if self.class_figure is not None:
             name, grid = next(iter(self.grids.items()))
             point = grid.points[self.selection[name]]
             figures["class_exits"] = plots.plot_class_heatmap(class_exits(point), title=grid.table.at[
-                self.selection[name], "label"])
+                self.selection[name], "label"], **sized)
         return figures
 
     def paper_tables(self) -> dict[str, pd.DataFrame]:
@@ -205,7 +212,7 @@ class PolicySliderPanel(widgets.VBox):
             point = grid.points[self.selection[name]]
             traces.append(go.Bar(x=list(range(point["k"])), y=list(point["exit_fractions"]), name=name,
                                  marker={"color": self.styles[name]["marker"]["color"]}))
-        fig = _figure(traces, x_title="exit", y_title="fraction of test samples", meta="eelab:exits", width=380)
+        fig = _figure(traces, x_title="exit", y_title="fraction of test samples", meta="eelab:exits", width=380, x=None)
         fig.update_layout(barmode="group", xaxis={"dtick": 1, "tickformat": "d"}, yaxis={"range": [0, 1]})
         return fig
 
@@ -215,9 +222,9 @@ class PolicySliderPanel(widgets.VBox):
         heat = go.Heatmap(z=point["per_class_exit_fractions"], x=[f"exit {k}" for k in range(point["k"])],
                           y=point["class_names"], zmin=0, zmax=1, colorscale="Viridis", name=name,
                           texttemplate="%{z:.0%}", showscale=False)
-        fig = _figure([heat], x_title="", y_title="", meta="eelab:classes", width=520)
-        fig.update_layout(height=120 + 22 * len(point["class_names"]), yaxis={"tickformat": "", "autorange": "reversed"},
-                          xaxis={"tickformat": ""}, title={"text": f"exit fractions by class: {grid.table.at[self.selection[name], 'label']}"})
+        fig = _figure([heat], x_title="", y_title="", meta="eelab:classes", width=520, x=None, y=None)
+        fig.update_layout(height=120 + 22 * len(point["class_names"]), yaxis={"autorange": "reversed"},
+                          title={"text": f"exit fractions by class: {grid.table.at[self.selection[name], 'label']}"})
         return fig
 
     def _readout(self) -> str:
@@ -290,8 +297,8 @@ class RiskControlPanel(PolicySliderPanel):
                 f"{row['cal_risk']:.2%} &nbsp;·&nbsp; <b>realised test risk {row['test_risk']:.2%}</b> "
                 f"({'within' if ok else 'above'} epsilon = {row['epsilon']:.2%})")
 
-    def paper_figures(self) -> dict[str, Figure]:
-        return {**super().paper_figures(), "risk": plots.plot_risk(self.risk)}
+    def paper_figures(self, size: str | float | None = None) -> dict[str, Figure]:
+        return {**super().paper_figures(size), "risk": plots.plot_risk(self.risk, **_sized(size))}
 
     def paper_tables(self) -> dict[str, pd.DataFrame]:
         return {**super().paper_tables(), "risk": self.risk}
@@ -328,15 +335,17 @@ class ComparePoliciesPanel(widgets.VBox):
         head = [widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []
         super().__init__([*head, self.cost, self.figure, self.summary])
 
-    def paper_figures(self) -> dict[str, Figure]:
+    def paper_figures(self, size: str | float | None = None) -> dict[str, Figure]:
         """Frontiers on every cost axis the panel offers, whatever the toggle shows (eelab.plots), for export:
-        frontiers (MACs) and frontiers_latency (measured latency, when the grids have it)."""
+        frontiers (MACs) and frontiers_latency (measured latency, when the grids have it); size as
+        PolicySliderPanel.paper_figures'."""
         static = self.grids["static"].table if "static" in self.grids else None
         figures = {}
         for x, fronts in self.fronts.items():
             fronts = {n: f for n, f in fronts.items() if n not in ("static", "oracle")}
             name = "frontiers" if x == "rel_macs" else "frontiers_latency"
-            figures[name] = plots.plot_frontiers(fronts, oracle=self.oracles.get(x), static=static, x=x)
+            figures[name] = plots.plot_frontiers(fronts, oracle=self.oracles.get(x), static=static, x=x,
+                                                 **_sized(size))
         return figures
 
     def paper_provenance(self) -> dict[str, list]:
@@ -523,10 +532,8 @@ class TrainingPanel(widgets.VBox):
         traces = [go.Scatter(x=[r["epoch"] for r in history], y=[r["cal_acc"][j] for r in history],
                              mode="lines+markers", name=f"exit {j}", line={"color": _exit_color(j, k)})
                   for j in range(k)]
-        fig = _figure(traces, x_title="epoch", y_title="cal accuracy (watched, never selected on)",
-                      meta="eelab:training", width=620)
-        fig.update_layout(xaxis={"tickformat": "d"})
-        return fig
+        return _figure(traces, x_title="epoch", y_title="cal accuracy (watched, never selected on)",
+                       meta="eelab:training", width=620, x="num")
 
     def _default_name(self) -> str:
         raw = f"{self.model.value}-{self.dataset.value}-{self.epochs.value}ep"
@@ -569,14 +576,12 @@ class DQNTrainingPanel(widgets.VBox):
         self.button = widgets.Button(description="train agents", button_style="primary", icon="play", layout=_FIT)
         self.button.on_click(lambda button: self._on_click())
         self.reward_figure = _figure([], x_title="gradient update", y_title="greedy mean reward on cal",
-                                     meta="eelab:dqn-reward", width=520)
-        self.reward_figure.update_layout(xaxis={"tickformat": "d"}, yaxis={"tickformat": ".2f"})
+                                     meta="eelab:dqn-reward", width=520, x="num", y="num")
         self.exit_figure = _figure([go.Bar(x=[f"exit {k}" for k in range(cal.k)], y=[0.0] * cal.k,
                                            name="agent in training",
                                            marker={"color": plots.plotly_style("dqn")["marker"]["color"]})],
                                    x_title="exit", y_title="share of cal samples leaving here",
-                                   meta="eelab:dqn-exits", width=420)
-        self.exit_figure.update_layout(xaxis={"tickformat": ""})
+                                   meta="eelab:dqn-exits", width=420, x=None)
         super().__init__([widgets.HBox([self.button, self.progress]), self.status,
                           widgets.HBox([self.reward_figure, self.exit_figure])])
 
@@ -610,8 +615,8 @@ class DQNTrainingPanel(widgets.VBox):
                              f"cost_weight slider below")
         return self.grid
 
-    def paper_figures(self) -> dict[str, Figure]:
-        return {"dqn_training": plots.plot_dqn_training(self.traces)}
+    def paper_figures(self, size: str | float | None = None) -> dict[str, Figure]:
+        return {"dqn_training": plots.plot_dqn_training(self.traces, **_sized(size))}
 
     def paper_provenance(self) -> dict[str, list]:
         """What an export's manifest says of this panel: the records and every agent's parameters."""
@@ -657,66 +662,119 @@ class DQNTrainingPanel(widgets.VBox):
 
 
 class ExportControl(widgets.VBox):
-    """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder,
-    with a manifest beside them ({prefix}manifest.json) so a figure can be traced and remade (and, per figure,
-    what figcheck.figure_problems finds wrong with it, also shown below the button).
+    """A button writing figures (PDF, SVG, PNG via plots.export_figure) and tables (CSV, LaTeX) into a folder at a
+    chosen figure size, with a manifest beside them ({prefix}manifest.json) so each file can be traced and remade.
 
-    sources: panels (their paper_figures() and paper_tables(), drawn at export time, so the export shows the
+    sources: panels (their paper_figures(size) and paper_tables(), drawn at export time, so the export shows the
     sliders' current state; paper_provenance() for the manifest) or dicts {name: matplotlib Figure |
-    DataFrame}; prefix starts every file name. records: exit records the dict sources come from (the panels
-    name theirs); checkpoint: the directory they were loaded from, so the manifest gives their file paths.
+    DataFrame} (a figure a plot_* drew is drawn again at the chosen size, plots.redraw); prefix starts every
+    file name. records: exit records the dict sources come from (the panels name theirs); checkpoint: the
+    directory they were loaded from, so the manifest gives their file paths. made_with: {name:
+    workbench.made_with(...)}, name an exported figure or table (as its file is named, without prefix) or a
+    panel's export_label (all of its files): the policies and notebook constants that produced it, written into
+    the manifest entry (made_with) of each of its files, beside what a panel shows. size: the size menu's first
+    choice: "default" (each figure as drawn), "column" (3.3 in) or "page" (6.9 in).
+    A figure figcheck.figure_problems finds fault with is written all the same (the user's data may trip the
+    checker), and its problems are kept in the manifest (figure_problems), shown below the button and warned.
     No export writes a file twice: a name two sources give is prefixed with the panel's export_label (the risk
-    panel's operating_points become risk_operating_points); a clash that leaves is refused before anything
-    is written. export() and the button run the same code.
+    panel's operating_points become risk_operating_points); a clash that leaves, or a made_with name that is
+    not exported, is refused before anything is written. export() and the button run the same code.
     """
 
     def __init__(self, *sources: Any, folder: str | Path = "figures", prefix: str = "",
-                 records: Sequence[Any] = (), checkpoint: str | Path | None = None):
+                 records: Sequence[Any] = (), checkpoint: str | Path | None = None,
+                 made_with: Mapping[str, MadeWith] | None = None, size: str = "default"):
+        if size not in [value for _, value in _SIZE_CHOICES]:
+            raise EelabError(f"figure size must be one of {', '.join(v for _, v in _SIZE_CHOICES)}, got {size!r}")
         self.sources, self.folder, self.prefix = sources, Path(folder), prefix
         self.records, self.checkpoint = list(records), None if checkpoint is None else Path(checkpoint)
+        self.made_with = dict(made_with or {})
         self.button = widgets.Button(description=f"export to {self.folder.name}/", icon="download", layout=_FIT,
                                      tooltip=f"write figures, tables and {prefix}manifest.json into {self.folder}/")
+        self.size = widgets.Dropdown(options=_SIZE_CHOICES, value=size, description="figure size", style=_WIDE)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="exporting", style=_WIDE,
+                                            layout=widgets.Layout(visibility="hidden"))
         self.output = widgets.HTML()
         self.button.on_click(lambda button: self._on_click())
-        super().__init__([self.button, self.output])
+        super().__init__([widgets.HBox([self.button, self.size]), self.progress, self.output])
 
     @property
     def manifest_path(self) -> Path:
         return self.folder / f"{self.prefix}manifest.json"
 
-    def export(self) -> list[Path]:
-        """Write every source's figures and tables, then the manifest; returns the files written, the manifest
-        last (each once: len(returned) files are on disk, the manifest lists all the others with sha256)."""
-        plan = self._plan()
-        written: list[Path] = []
-        # what a reviewer would reject, per figure: written anyway (the user's data may trip the checker), but
-        # said below the button and kept in the manifest
-        problems = {self.prefix + name: figure_problems(item) for name, item in plan if isinstance(item, Figure)}
-        for name, item in plan:
-            written += (plots.export_figure(item, self.prefix + name, self.folder, check=False)
-                        if isinstance(item, Figure) else export_table(item, self.prefix + name, self.folder))
-        if len(set(written)) != len(written):  # _plan made the names distinct; a writer adding files must not undo it
-            raise EelabError(f"export wrote a file twice: {sorted(p.name for p in written if written.count(p) > 1)}")
-        records, policies = self._provenance()
-        manifest = export_manifest(written, records=records, policies=policies)
-        manifest.update(prefix=self.prefix, folder=str(self.folder.resolve()), figure_problems=problems)
-        save_json(_jsonable(manifest), self.manifest_path)
-        written.append(self.manifest_path)
+    def export(self, progress: bool = True) -> list[Path]:
+        """Write every source's figures (at the size menu's size) and tables, then the manifest; returns the files
+        written, the manifest last (each once: len(returned) files are on disk, the manifest lists all the others
+        with sha256 and, per file, what made it). The control's bar follows the export; progress: a tqdm.auto
+        bar too (the button's callback has no cell to show one in, so it uses the control's bar only)."""
+        self.progress.value, self.progress.max = 0, len(self.sources) + 1  # drawing; writing is added once planned
+        self.progress.layout.visibility = "visible"
+        bar = tqdm(total=self.progress.max, desc="drawing the figures", unit="step", leave=False, delay=0.5,
+                   disable=not progress)
+
+        def advance(desc: str) -> None:
+            bar.set_description(desc, refresh=False)
+            bar.update(1)
+            self.progress.value += 1
+
+        try:
+            plan = self._plan(self.size.value, advance)
+            made = self._made_with(plan)  # a made_with name that is not exported is refused before any write
+            bar.total = self.progress.max = len(self.sources) + len(plan) + 1
+            written, about, problems = self._write(plan, made, advance)
+            records, policies = self._provenance()
+            manifest = export_manifest(written, records=records, policies=policies, about=about)
+            manifest.update(prefix=self.prefix, folder=str(self.folder.resolve()), size=self.size.value,
+                            figure_problems=problems)
+            save_json(_jsonable(manifest), self.manifest_path)
+            written.append(self.manifest_path)
+            advance("manifest written")
+        finally:
+            bar.close()
+            self.progress.layout.visibility = "hidden"
         faulty = {name: found for name, found in problems.items() if found}
+        for name, found in faulty.items():  # a cell that calls export() shows these; the button shows them below
+            warnings.warn(f"figure {name} is not ready to print: {_first(found)}; written all the same, listed "
+                          f"in {self.manifest_path.name}", EelabWarning, stacklevel=2)
         self.output.value = f"wrote {len(written)} files: " + ", ".join(html.escape(p.name) for p in written) + \
-            "".join(f"<br><span style='color:#b00'>check {html.escape(name)}: {html.escape(found[0])}"
-                    f"{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}</span>"
+            "".join(f"<br><span style='color:#b00'>check {html.escape(name)}: {html.escape(_first(found))}</span>"
                     for name, found in faulty.items())
         return written
 
-    def _plan(self) -> list[tuple[str, Any]]:
-        """(file name without prefix and extension, figure or table) pairs, no file twice, built before any
-        write (a figure and a table may share a name: name.pdf/.svg/.png and name.csv/.tex differ)."""
-        entries = []  # (label of the source or None, name, figure or table)
+    def _write(self, plan: list[tuple[str, Any, Any]], made: dict[str, dict[str, Any]],
+               advance: Callable[[str], None]) -> tuple[list[Path], dict[str, dict[str, Any]], dict[str, list[str]]]:
+        """Write the planned figures and tables: (files, each file's manifest entry additions by file name, each
+        figure's figure_problems by prefixed name)."""
+        written: list[Path] = []
+        about: dict[str, dict[str, Any]] = {}
+        problems: dict[str, list[str]] = {}
+        for name, item, _ in plan:
+            if isinstance(item, Figure):
+                # what a reviewer would reject, per figure: written anyway (the user's data may trip the checker)
+                problems[self.prefix + name] = figure_problems(item)
+                files = plots.export_figure(item, self.prefix + name, self.folder, check=False)
+                extra = {"made_with": made[name],
+                         "size_inches": [round(float(v), 3) for v in item.get_size_inches()]}
+            else:
+                files = export_table(item, self.prefix + name, self.folder)
+                extra = {"made_with": made[name]}
+            about.update({path.name: extra for path in files})
+            written += files
+            advance(f"wrote {self.prefix}{name}")
+        if len(set(written)) != len(written):  # _plan made the names distinct; a writer adding files must not undo it
+            raise EelabError(f"export wrote a file twice: {sorted(p.name for p in written if written.count(p) > 1)}")
+        return written, about, problems
+
+    def _plan(self, size: str, advance: Callable[[str], None]) -> list[tuple[str, Any, Any]]:
+        """(file name without prefix and extension, figure or table, its source) triples, no file twice, built
+        before any write (a figure and a table may share a name: name.pdf/.svg/.png and name.csv/.tex differ);
+        figures drawn at size."""
+        entries = []  # (label of the source or None, name, figure or table, source)
         for source in self.sources:
-            figures, tables = _exports(source)
             label = getattr(source, "export_label", None)
-            entries += [(label, name, item) for name, item in (*figures.items(), *tables.items())]
+            figures, tables = _exports(source, size)
+            entries += [(label, name, item, source) for name, item in (*figures.items(), *tables.items())]
+            advance(f"drew {label or 'figures and tables'}")
 
         def targets(names: list[str]) -> list[set[str]]:
             return [{f"{n}.{ext}" for ext in (("pdf", "svg", "png") if isinstance(e[2], Figure) else ("csv", "tex"))}
@@ -726,39 +784,75 @@ class ExportControl(widgets.VBox):
             files = targets(names)
             return {i for i in range(len(names)) for j in range(len(names)) if i != j and files[i] & files[j]}
 
-        names = [name for _, name, _ in entries]
+        names = [name for _, name, _, _ in entries]
         names = [f"{entries[i][0]}_{n}" if i in clashes(names) and entries[i][0] else n for i, n in enumerate(names)]
         left = clashes(names)
         if left:
             raise EelabError("export refused, nothing written: two sources give the file name(s) "
                              + ", ".join(sorted({self.prefix + names[i] for i in left}))
                              + "; rename one (a dict's keys are its file names)")
-        return [(n, e[2]) for n, e in zip(names, entries)]
+        return [(n, e[2], e[3]) for n, e in zip(names, entries)]
+
+    def _made_with(self, plan: list[tuple[str, Any, Any]]) -> dict[str, dict[str, Any]]:
+        """{exported name: its made_with entry}: the policies its panel shows (paper_provenance) and, from
+        self.made_with under its name or its panel's export_label, further policies and notebook constants."""
+        labels = {getattr(s, "export_label", None) for s in self.sources} - {None}
+        unknown = sorted(set(self.made_with) - {name for name, _, _ in plan} - labels)
+        if unknown:
+            raise EelabError(f"export refused, nothing written: made_with names {', '.join(unknown)}, which this "
+                             f"export does not write; use one of {', '.join(sorted({n for n, _, _ in plan} | labels))}")
+        given = {key: value.identity() for key, value in self.made_with.items()}
+        shown = {id(s): self._shown(s) for s in self.sources}
+        made = {}
+        for name, _, source in plan:
+            entry: dict[str, Any] = {"policies": list(shown[id(source)]), "constants": {}}
+            for key in dict.fromkeys([getattr(source, "export_label", None), name]):  # each once (risk's risk)
+                if key in given:
+                    entry["policies"] += [{"source": key, **p} for p in given[key]["policies"]]
+                    entry["constants"].update(given[key]["constants"])
+                    entry.update({k: v for k, v in given[key].items() if k not in ("policies", "constants")})
+            made[name] = entry
+        return made
+
+    def _shown(self, source: Any) -> list[dict[str, Any]]:
+        """The policies a panel shows (its paper_provenance), each with the panel's label as source; [] for a dict."""
+        if not hasattr(source, "paper_provenance"):
+            return []
+        label = getattr(source, "export_label", type(source).__name__)
+        return [{"source": label, **entry} for entry in source.paper_provenance()["policies"]]
 
     def _provenance(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(records, policies) for the manifest: the panels' and the given records, each record once."""
+        """(records, policies) for the manifest: the given records, the panels' and those of the made_with
+        grids, each record once; every policy a panel shows and every made_with policy (source: its name)."""
         records, policies = list(self.records), []
         for source in self.sources:
             if hasattr(source, "paper_provenance"):
-                shown = source.paper_provenance()
-                records += shown["records"]
-                label = getattr(source, "export_label", type(source).__name__)
-                policies += [{"source": label, **entry} for entry in shown["policies"]]
+                records += source.paper_provenance()["records"]
+                policies += self._shown(source)
+        for key, value in self.made_with.items():
+            records += value.records()
+            policies += [{"source": key, **p} for p in value.identity()["policies"]]
         unique = list({id(r): r for r in records}.values())
         return [record_identity(r, self._record_path(r)) for r in unique], policies
 
     def _record_path(self, record: Any) -> Path | None:
-        """checkpoint/SPLIT.pt when that file is there and holds the record's checkpoint."""
+        """checkpoint/SPLIT.pt when that file is there and the record comes from it: the checkpoint's model.pt
+        (where there is one to compare), no exit ensemble applied."""
         split = record.meta.get("split")
-        if self.checkpoint is None or split not in ("cal", "test"):
+        if self.checkpoint is None or split not in ("cal", "test") or record.meta.get("ensemble_sha256"):
             return None
-        path = self.checkpoint / f"{split}.pt"
+        path, weights = self.checkpoint / f"{split}.pt", self.checkpoint / "model.pt"
+        recorded_on = record.meta.get("checkpoint_sha256")
+        if recorded_on and weights.is_file() and sha256_file(weights) != recorded_on:
+            return None  # a record of another checkpoint (e.g. another seed's)
         return path.resolve() if path.is_file() else None
 
     def _on_click(self) -> None:
         self.button.disabled = True
         try:
-            self.export()
+            with warnings.catch_warnings():  # shown below the button; a callback's warning goes to no cell
+                warnings.simplefilter("ignore", EelabWarning)
+                self.export(progress=False)
         except (EelabError, OSError) as e:
             self.output.value = f"<span style='color:#b00'>export failed: {html.escape(str(e))}</span>"
         finally:
@@ -766,15 +860,25 @@ class ExportControl(widgets.VBox):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _exports(source: Any) -> tuple[dict[str, Figure], dict[str, pd.DataFrame]]:
-    """(figures, tables) of a panel or a dict of figures and tables."""
+def _exports(source: Any, size: str = "default") -> tuple[dict[str, Figure], dict[str, pd.DataFrame]]:
+    """(figures, tables) of a panel or a dict of figures and tables, the figures at size ("default": as drawn)."""
     if hasattr(source, "paper_figures"):
         tables = source.paper_tables() if hasattr(source, "paper_tables") else {}
-        return source.paper_figures(), tables
+        return source.paper_figures(**_sized(size)), tables
     if isinstance(source, Mapping):
-        return ({k: v for k, v in source.items() if isinstance(v, Figure)},
+        return ({k: plots.redraw(v, size) for k, v in source.items() if isinstance(v, Figure)},
                 {k: v for k, v in source.items() if isinstance(v, pd.DataFrame)})
     raise EelabError(f"ExportControl cannot export a {type(source).__name__}; give a panel or a dict of figures")
+
+
+def _first(problems: Sequence[str]) -> str:
+    """A figure's first problem, and how many more there are."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def _sized(size: str | float | None) -> dict[str, Any]:
+    """A plot_* size keyword: {} for None or "default" (the plot's own default), else {"size": size}."""
+    return {} if size in (None, "default") else {"size": size}
 
 
 def _slider(param: str, values: list[Any], value: Any) -> widgets.SelectionSlider:
@@ -871,14 +975,32 @@ def _oracle_trace(x: list, y: list) -> go.Scatter:
                       line={**plots.plotly_style("oracle")["line"], "shape": "hv"})
 
 
-def _figure(traces: list, x_title: str, y_title: str, meta: str, width: int, height: int = 360) -> go.FigureWidget:
-    """A FigureWidget with eelab's layout; meta names it for the browser test."""
+def _figure(traces: list, x_title: str, y_title: str, meta: str, width: int, height: int = 360,
+            x: str | None = "pct", y: str | None = "pct") -> go.FigureWidget:
+    """A FigureWidget with eelab's layout; meta names it for the browser test; x and y: each axis's tick labels
+    (_tick_format: "pct", "num" or None)."""
     fig = go.FigureWidget(data=traces)
     fig.update_layout(template="plotly_white", width=width, height=height, meta=meta,
                       margin={"l": 60, "r": 10, "t": 30, "b": 50}, legend={"orientation": "h", "y": -0.25},
-                      xaxis={"title": {"text": x_title}, "tickformat": ".0%"},
-                      yaxis={"title": {"text": y_title}, "tickformat": ".0%"})
+                      xaxis={"title": {"text": x_title}, **_tick_format(x)},
+                      yaxis={"title": {"text": y_title}, **_tick_format(y)})
     return fig
+
+
+def _tick_format(kind: str | None) -> dict[str, Any]:
+    """Plotly tick labels that print their values exactly, as plots' matplotlib ticks do: plotly steps linear
+    ticks by 1, 2 or 5 times a power of ten, so the step (dtick) picks the decimals (tickformatstops), and ticks
+    0.5 % apart read 0.5%, 1.0%, 1.5%, never 0%, 1%, 2%. kind: "pct" (fractions as percent), "num", or None
+    (categories, shown as given)."""
+    if kind is None:
+        return {"tickformat": "", "tickformatstops": []}
+    scale = 100.0 if kind == "pct" else 1.0
+    stops = []
+    for decimals in range(_TICK_DECIMALS + 1):  # a step of 10^-d (in printed units) and above needs d decimals
+        lo = None if decimals == _TICK_DECIMALS else round(0.95 * 10.0 ** -decimals / scale, 12)  # 0.95: slack
+        hi = None if decimals == 0 else round(0.95 * 10.0 ** (1 - decimals) / scale, 12)
+        stops.append({"dtickrange": [lo, hi], "value": f".{decimals}%" if kind == "pct" else f",.{decimals}f"})
+    return {"tickformat": stops[0]["value"], "tickformatstops": stops}
 
 
 __all__ = ["ComparePoliciesPanel", "DQNTrainingPanel", "ExportControl", "PolicySliderPanel", "RiskControlPanel", "TrainingPanel"]

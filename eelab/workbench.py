@@ -12,7 +12,7 @@ import hashlib
 import math
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .ensemble import fit_ensemble
 from .errors import EelabError
 from .metrics import area_under_frontier, evaluate, exit_calibration, frontier_range, oracle_frontier
-from .policies import score_logits
+from .policies import Policy, score_logits
 from .records import ExitRecord, load_records
 from .sweep import HEADLINE, PolicyGrid, precompute_grid
 from .__version__ import __version__
@@ -323,11 +323,14 @@ class Examples:
     message: str = ""
 
 
-def find_examples(record: ExitRecord, exits: torch.Tensor, n: int = 16, seed: int = 0) -> Examples:
+def find_examples(record: ExitRecord, exits: torch.Tensor, n: int = 16, seed: int = 0,
+                  progress: bool = True) -> Examples:
     """n seeded samples of a record with their exits and predictions, and their images when the dataset is here.
 
     The images come from the record's dataset (meta dataset, split, indices); without the dataset, images is
     None and message says where eelab looked and how to get it, so a notebook goes on with the records.
+    progress: tqdm.auto bars while the dataset is unpacked and decoded (the first time, about 45 s for
+    cifar10-jpeg's 60,000 JPEGs; then it is read from data/cache).
     """
     from .data import load_dataset
 
@@ -341,7 +344,7 @@ def find_examples(record: ExitRecord, exits: torch.Tensor, n: int = 16, seed: in
     if not name:
         return Examples(images=None, message="the record names no dataset, so its images cannot be found", **base)
     try:
-        ds = load_dataset(name, (record.meta.get("train_config") or {}).get("image_size"), progress=False)
+        ds = load_dataset(name, (record.meta.get("train_config") or {}).get("image_size"), progress=progress)
     except EelabError as e:
         return Examples(images=None, message=f"{e} (the figures and tables come from the exit records and do "
                                              f"not need the images)", **base)
@@ -402,11 +405,15 @@ def record_identity(record: ExitRecord, path: str | Path | None = None) -> dict[
 
 
 def grid_identity(grid: PolicyGrid, selected: int | None = None) -> dict[str, Any]:
-    """A PolicyGrid in a manifest: its family, number of points, every grid parameter's values, and (when
-    selected) that row's policy with its parameters and fitted scalars."""
+    """A PolicyGrid in a manifest: its family, number of points, every grid parameter's values, the checkpoint
+    (and exit ensemble) of its records, and (when selected) that row's policy with its parameters and fitted
+    scalars."""
     params = list(grid.table.attrs.get("params", []))
     entry: dict[str, Any] = {"grid": grid.name, "family": grid.policies[0].name if grid.policies else None,
-                             "points": len(grid), "parameters": {p: grid.values(p) for p in params}}
+                             "points": len(grid), "parameters": {p: grid.values(p) for p in params},
+                             "checkpoint_sha256": grid.test.meta.get("checkpoint_sha256")}
+    if grid.test.meta.get("ensemble_sha256"):
+        entry["ensemble_sha256"] = grid.test.meta["ensemble_sha256"]
     if selected is not None:
         policy = grid.policies[selected]
         entry["selected"] = {"row": int(selected), "label": str(grid.table.at[selected, "label"]),
@@ -414,20 +421,94 @@ def grid_identity(grid: PolicyGrid, selected: int | None = None) -> dict[str, An
     return entry
 
 
+def policy_identity(policy: Policy) -> dict[str, Any]:
+    """One fitted Policy in a manifest: its family, parameters and fitted scalars."""
+    return {"family": policy.name, "params": dict(policy.params), "fitted": dict(policy.summary())}
+
+
+@dataclass(frozen=True)
+class MadeWith:
+    """What produced one exported figure or table, for its manifest entry (see made_with): policies as (name or
+    None, PolicyGrid or fitted Policy) pairs, the notebook constants it used, and the accuracy or budget at which
+    each grid's matched_point row is the one shown (None: the whole grid)."""
+
+    policies: tuple[tuple[str | None, Any], ...] = ()
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    accuracy: float | None = None
+    budget: float | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """{"policies": [grid_identity (with the matched row) or policy_identity of each], "constants": {...}}."""
+        entries = []
+        for name, item in self.policies:
+            if isinstance(item, PolicyGrid):
+                matched = None if self.accuracy is None and self.budget is None else \
+                    matched_point(item, accuracy=self.accuracy, budget=self.budget)
+                entry = grid_identity(item, matched)
+                if matched is None and (self.accuracy is not None or self.budget is not None):
+                    entry["selected"] = None  # no grid point meets the target on cal
+                entries.append({**entry, "grid": name or item.name})
+            else:
+                entries.append({**policy_identity(item), **({"name": name} if name else {})})
+        target = {key: value for key, value in (("accuracy", self.accuracy), ("budget", self.budget))
+                  if value is not None}
+        return {"policies": entries, "constants": dict(self.constants), **({"matched_at": target} if target else {})}
+
+    def records(self) -> list[ExitRecord]:
+        """The records its grids were fitted on and scored on (cal, test, latency), each once."""
+        found = [r for _, g in self.policies if isinstance(g, PolicyGrid) for r in (g.cal, g.test, g.latency)
+                 if r is not None]
+        return list({id(r): r for r in found}.values())
+
+
+def made_with(*policies: Any, accuracy: float | None = None, budget: float | None = None,
+              **constants: Any) -> MadeWith:
+    """What produced an exported figure or table, for ExportControl(made_with={name: made_with(...)}), so the
+    manifest says, per file, which policies and notebook constants made it.
+
+    policies: PolicyGrids, {name: PolicyGrid or Policy} dicts (precompute_grids' result, one per seed), fitted
+    Policy objects, or lists of these; accuracy / budget: the figure shows each grid's matched_point at this
+    target (as operating_points and matched_points do); constants: the notebook constants it depends on by
+    name, e.g. made_with(*alpha_runs, SEEDS=SEEDS, ALPHAS=ALPHAS).
+    """
+    pairs: list[tuple[str | None, Any]] = []
+
+    def add(item: Any, name: str | None = None) -> None:
+        if isinstance(item, (PolicyGrid, Policy)):
+            pairs.append((name, item))
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                add(value, str(key))
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                add(value)
+        else:
+            raise EelabError(f"made_with takes policy grids, fitted policies, dicts or lists of them; got a "
+                             f"{type(item).__name__}")
+
+    add(list(policies))
+    if accuracy is not None and budget is not None:
+        raise EelabError("made_with takes at most one of accuracy= or budget= (the target the points are matched at)")
+    return MadeWith(tuple(pairs), dict(constants), accuracy, budget)
+
+
 def export_manifest(files: Sequence[str | Path], records: Sequence[Mapping[str, Any]] = (),
-                    policies: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                    policies: Sequence[Mapping[str, Any]] = (),
+                    about: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest written beside exported figures, so a figure can be traced and remade: eelab version, git
     commit of eelab's working tree (None outside a git checkout; dirty when it has uncommitted changes), date
     (UTC ISO), the checkpoint sha256(s) of the records, the records (record_identity), the policies
-    (grid_identity) and every file (name, absolute path) with its sha256."""
+    (grid_identity) and every file (name, absolute path) with its sha256 and what about gives for its name
+    (e.g. made_with: the policies and constants that produced it; size_inches of a figure)."""
+    about = about or {}
     shas = sorted({r["checkpoint_sha256"] for r in records if r.get("checkpoint_sha256")})
     commit, dirty = _git_state(Path(__file__).resolve().parent)
     return {"eelab_version": __version__, "git_commit": commit, "git_dirty": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "checkpoint_sha256": shas[0] if len(shas) == 1 else (shas or None),
             "records": [dict(r) for r in records], "policies": [dict(p) for p in policies],
-            "files": [{"name": Path(f).name, "path": str(Path(f).resolve()), "sha256": _sha256(Path(f))}
-                      for f in files]}
+            "files": [{"name": Path(f).name, "path": str(Path(f).resolve()), "sha256": _sha256(Path(f)),
+                       **about.get(Path(f).name, {})} for f in files]}
 
 
 def _priced(grid: PolicyGrid, x: str) -> ExitRecord:
@@ -463,9 +544,9 @@ def _git_state(folder: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
-__all__ = ["Examples", "PUBLISHED", "against_oracle", "class_exits", "class_table", "cost_range", "ensemble_runs",
-           "ensemble_table", "exit_confidences", "exit_table",
-           "export_manifest", "find_examples", "frontier_areas", "grid_identity", "matched_point", "matched_points",
-           "operating_points", "oracle_points", "record_identity", "REFERENCE_PUBLISHED", "REFERENCES",
+__all__ = ["Examples", "MadeWith", "PUBLISHED", "against_oracle", "class_exits", "class_table", "cost_range",
+           "ensemble_runs", "ensemble_table", "exit_confidences", "exit_table", "export_manifest", "find_examples",
+           "frontier_areas", "grid_identity", "made_with", "matched_point", "matched_points", "operating_points",
+           "oracle_points", "policy_identity", "record_identity", "REFERENCE_PUBLISHED", "REFERENCES",
            "reference_checkpoint", "reference_table", "reliability_bins", "risk_table",
            "sensitivity_table", "split_table", "summarize_policies", "target_accuracy", "with_progress"]

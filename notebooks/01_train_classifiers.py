@@ -40,6 +40,7 @@ SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples an
 RUNS = "../runs"                   # where the train button writes new runs (git-ignored)
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
+FIGURE_SIZE = os.environ.get("EELAB_FIGURE_SIZE", "default")  # exports: "column", "page" or "default" (as drawn)
 LIMIT = 2000 if SMOKE else None    # a seeded random subset of LIMIT samples of each record (None: all)
 EXAMPLE_POLICY = {"threshold": 0.9}  # the max-prob threshold policy the example images are decided with
 N_EXAMPLES = 8 if SMOKE else 24
@@ -138,14 +139,24 @@ examples_figure
 # ## Export
 #
 # Writes the figures (the threshold panel in its current state too) as PDF and SVG (vector) plus PNG, and
-# the tables as CSV and LaTeX, into `FIGURES`, with `01_manifest.json` beside them (checkpoint, records,
-# eelab version and commit, each file's sha256). `eelab figures 01 --out DIR` runs this notebook without a browser and exports through the same code.
+# the tables as CSV and LaTeX, into `FIGURES`, at the size the menu beside the button picks (`FIGURE_SIZE`
+# first: one column, two columns, or as drawn), with `01_manifest.json` beside them (checkpoint, records,
+# eelab version and commit, and per file its sha256 and the policies and constants that made it).
+# `eelab figures 01 --out DIR` runs this notebook without a browser and exports through the same code.
+
+# %%
+made_with = {"examples": workbench.made_with(policy, EXAMPLE_POLICY=EXAMPLE_POLICY, N_EXAMPLES=N_EXAMPLES),
+             "exit_profile": workbench.made_with(PUBLISHED=PUBLISHED, LIMIT=LIMIT),
+             "exits": workbench.made_with(LIMIT=LIMIT),
+             "references": workbench.made_with(LIMIT=LIMIT), "reference_exits": workbench.made_with(LIMIT=LIMIT),
+             "sliders": workbench.made_with(THRESHOLD_POINTS=THRESHOLD_POINTS, LIMIT=LIMIT)}
 
 # %%
 exporter = widgets.ExportControl(first_policy, {"exit_profile": profile_figure, "training": training_figure,
                                                "examples": examples_figure, "exits": exits,
                                                "references": references_figure, "reference_exits": references},
-                                 folder=FIGURES, prefix="01_", records=[cal, test], checkpoint=checkpoint)
+                                 folder=FIGURES, prefix="01_", records=[cal, test], checkpoint=checkpoint,
+                                 made_with=made_with, size=FIGURE_SIZE)
 exporter
 
 # %%

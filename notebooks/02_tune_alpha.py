@@ -39,6 +39,7 @@ CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_check
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, alphas and seeds
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
+FIGURE_SIZE = os.environ.get("EELAB_FIGURE_SIZE", "default")  # exports: "column", "page" or "default" (as drawn)
 POLICY_DIR = "../runs/policies"        # the save button writes the selected policies here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # fitted gates are saved here and reused (notebook 04 too)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
@@ -112,13 +113,24 @@ tables.show_table(summary)
 # ## Export
 #
 # Writes the panel's current state, the sensitivity figure and the tables as PDF, SVG and PNG, CSV and
-# LaTeX into `FIGURES`, with `02_manifest.json` beside them (checkpoint, records, every policy and its
-# parameters, eelab version and commit, each file's sha256). `eelab figures 02 --out DIR` does the same
-# without a browser, from the fits cached in `FITTED`.
+# LaTeX into `FIGURES`, at the size the menu beside the button picks (`FIGURE_SIZE` first), with
+# `02_manifest.json` beside them (checkpoint, records, every policy and its parameters, eelab version and
+# commit, and per file its sha256 and what made it: the sensitivity and the summary come from the gates of
+# every seed in `SEEDS`). `eelab figures 02 --out DIR` does the same without a browser, from the fits cached
+# in `FITTED`.
+
+# %%
+gates = {"ALPHAS": ALPHAS, "GATE_STEPS": GATE_STEPS, "LIMIT": LIMIT}  # the panel shows seed 0's, the rest all SEEDS'
+made_with = {"alpha_sensitivity": workbench.made_with(alpha_runs, SEEDS=SEEDS, **gates),
+             "sensitivity": workbench.made_with(alpha_runs, SEEDS=SEEDS, **gates),
+             "summary": workbench.made_with(alpha_runs, threshold, SEEDS=SEEDS, TOLERANCE=TOLERANCE, BUDGET=BUDGET,
+                                            THRESHOLD_POINTS=THRESHOLD_POINTS, **gates),
+             "sliders": workbench.made_with(THRESHOLD_POINTS=THRESHOLD_POINTS, **gates)}
 
 # %%
 exporter = widgets.ExportControl(panel, {"alpha_sensitivity": sensitivity_figure, "sensitivity": sensitivity,
-                                         "summary": summary}, folder=FIGURES, prefix="02_", checkpoint=CHECKPOINT)
+                                         "summary": summary}, folder=FIGURES, prefix="02_", checkpoint=CHECKPOINT,
+                                 made_with=made_with, size=FIGURE_SIZE)
 exporter
 
 # %%

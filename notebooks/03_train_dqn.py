@@ -39,6 +39,7 @@ CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_check
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, agents and updates
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
+FIGURE_SIZE = os.environ.get("EELAB_FIGURE_SIZE", "default")  # exports: "column", "page" or "default" (as drawn)
 POLICY_DIR = "../runs/policies"        # the save button writes the selected agent here (git-ignored)
 FITTED = None if SMOKE else "../runs/fitted"  # trained agents are saved here and reused (notebook 04 too)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
@@ -101,14 +102,21 @@ training_figure
 # %% [markdown]
 # ## Export
 #
-# Writes the training curves, the panel's current state and the summary into `FIGURES`, with
-# `03_manifest.json` beside them (checkpoint, records, every agent and its parameters, eelab version and
-# commit, each file's sha256). `eelab figures 03 --out DIR` does the same without a browser, from the agents
-# cached in `FITTED`.
+# Writes the training curves, the panel's current state and the summary into `FIGURES`, at the size the
+# menu beside the button picks (`FIGURE_SIZE` first), with `03_manifest.json` beside them (checkpoint,
+# records, every agent and its parameters, eelab version and commit, and per file its sha256 and the
+# policies and constants that made it). `eelab figures 03 --out DIR` does the same without a browser, from
+# the agents cached in `FITTED`.
+
+# %%
+agents = {"COST_WEIGHTS": COST_WEIGHTS, "AGENT": AGENT, "LIMIT": LIMIT}
+made_with = {"dqn": workbench.made_with(REPORT_EVERY=REPORT_EVERY, **agents),
+             "sliders": workbench.made_with(THRESHOLD_POINTS=THRESHOLD_POINTS, **agents),
+             "summary": workbench.made_with(dqn, threshold, THRESHOLD_POINTS=THRESHOLD_POINTS, **agents)}
 
 # %%
 exporter = widgets.ExportControl(trainer, panel, {"summary": summary}, folder=FIGURES, prefix="03_",
-                                 checkpoint=CHECKPOINT)
+                                 checkpoint=CHECKPOINT, made_with=made_with, size=FIGURE_SIZE)
 exporter
 
 # %%

@@ -38,6 +38,7 @@ CHECKPOINT = os.environ.get("EELAB_CHECKPOINT") or str(workbench.reference_check
 SMOKE = os.environ.get("EELAB_SMOKE", "0") == "1"  # quick run: fewer samples, thinner grids
 FIGURES = os.environ.get("EELAB_FIGURES", "../figures")  # where the export writes figures, tables, a manifest
 EXPORT = os.environ.get("EELAB_EXPORT", "0") == "1"  # export when the notebook ends (`eelab figures` sets it)
+FIGURE_SIZE = os.environ.get("EELAB_FIGURE_SIZE", "default")  # exports: "column", "page" or "default" (as drawn)
 LIMIT = 2000 if SMOKE else None        # a seeded random subset of LIMIT samples of each record (None: all)
 GRID_POINTS = 12 if SMOKE else None    # thin each policy's default grid to this many points (None: all)
 LEARNED = ["alpha", "dqn"]             # families fitted by training a small network (minutes): cached in FITTED
@@ -182,9 +183,29 @@ tables.show_table(summary)
 # Writes the panels' current state and the figures above as PDF, SVG and PNG, and the tables as CSV and
 # LaTeX, into `FIGURES`: the frontiers on both cost axes (`04_frontiers`, `04_frontiers_latency`), the risk
 # panel's operating point as `04_risk_operating_points`, the ensemble's per-exit changes as `04_ensemble`, and
-# `04_manifest.json` (checkpoint, records, every
-# policy and its parameters, eelab version and commit, each file's sha256). `eelab figures 04 --out DIR`
-# does the same without a browser, from the fits cached in `FITTED`.
+# `04_manifest.json` (checkpoint, records, every policy and its parameters, eelab version and commit, and per
+# file its sha256 and what made it: the policies at their matched points, `TOLERANCE`, `BUDGET`,
+# `SPLIT_POLICY`, the ensembles' seeds, ...). The menu beside the button picks the figures' size
+# (`FIGURE_SIZE` first). `eelab figures 04 --out DIR` does the same without a browser, from the fits cached in
+# `FITTED`.
+
+# %%
+at_target = {"accuracy": target, "TOLERANCE": TOLERANCE, "LIMIT": LIMIT}
+split_made = workbench.made_with(grids[SPLIT_POLICY], SPLIT_POLICY=SPLIT_POLICY, PROFILE_ROUNDS=PROFILE_ROUNDS,
+                                 **at_target)
+made_with = {"operating_points": workbench.made_with(grids, **at_target), "split": split_made,
+             "class_accuracy": workbench.made_with(grids, **at_target), "split_table": split_made,
+             "class_exits": workbench.made_with(grids[PATTERN_POLICY], PATTERN_POLICY=PATTERN_POLICY, **at_target),
+             "confidence": workbench.made_with(LIMIT=LIMIT), "reliability": workbench.made_with(N_BINS=N_BINS),
+             "ensemble": workbench.made_with(ensembles, ENSEMBLE_SEEDS=ENSEMBLE_SEEDS, GRID_POINTS=GRID_POINTS)}
+
+# %%
+made_with.update({
+    "summary": workbench.made_with(grids, seed_runs, ensembles, TOLERANCE=TOLERANCE, BUDGET=BUDGET,
+                                   SEED_CHECKPOINTS=SEED_CHECKPOINTS, ENSEMBLE_SEEDS=ENSEMBLE_SEEDS,
+                                   GRID_POINTS=GRID_POINTS, LIMIT=LIMIT),
+    "compare": workbench.made_with(COMPARE=COMPARE, GRID_POINTS=GRID_POINTS, PROFILE_ROUNDS=PROFILE_ROUNDS),
+    "risk": workbench.made_with(RISK_EPSILONS=RISK_EPSILONS, RISK_DELTAS=RISK_DELTAS, LIMIT=LIMIT)})
 
 # %%
 exporter = widgets.ExportControl(compare, risk, {"class_accuracy": class_figure, "class_exits": pattern_figure,
@@ -192,7 +213,8 @@ exporter = widgets.ExportControl(compare, risk, {"class_accuracy": class_figure,
                                                  "split": split_figure, "split_table": split,
                                                  "operating_points": matched, "ensemble": ensemble_changes,
                                                  "summary": summary},
-                                 folder=FIGURES, prefix="04_", checkpoint=CHECKPOINT)
+                                 folder=FIGURES, prefix="04_", checkpoint=CHECKPOINT, made_with=made_with,
+                                 size=FIGURE_SIZE)
 exporter
 
 # %%

@@ -130,7 +130,7 @@ def test_ensembled_and_plain_never_mix():
     ec, et = ens.apply(cal), ens.apply(test)
     assert et.meta["ensemble_sha256"] == ens.sha256
     check_same_model(et, ec)  # the same ensemble on both: fine
-    with pytest.raises(EelabError, match="ensembled differently"):
+    with pytest.raises(EelabError, match="is for plain exits"):
         check_same_model(test, ec)
     other = fit_ensemble(cal, seed=1, steps=20)
     with pytest.raises(EelabError, match="ensembled differently"):
@@ -224,7 +224,7 @@ def test_live_ensembled_inference_equals_the_ensembled_record(live, live_predict
 def test_predictor_refuses_a_policy_fitted_on_other_outputs(live, live_predictor, live_ensemble):
     cal = live[3]
     ens, ecal, _ = live_ensemble
-    with pytest.raises(EelabError, match="fitted on plain records"):
+    with pytest.raises(EelabError, match="the policy is for plain exits"):
         live_predictor(make_policy("risk", epsilon=0.1).fit(cal), ensemble=ens)
     with pytest.raises(EelabError, match="used without that ensemble"):
         live_predictor(make_policy("risk", epsilon=0.1).fit(ecal))

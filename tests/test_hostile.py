@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +23,10 @@ from PIL import Image
 
 import eelab.inference as inference
 import eelab.records as records
+import eelab.checkpoint as checkpoint
 from eelab.checkpoint import LOCK, claim_run
 from eelab.data import load_dataset, load_image
+from eelab.ensemble import fit_ensemble, identity_ensemble
 from eelab.errors import EelabError, EelabWarning
 from eelab.files import save_json, save_torch, write_atomic
 from eelab.models import ModelConfig
@@ -51,6 +54,17 @@ def recorded(tiny_checkpoint, tmp_path_factory) -> Path:
     for split in ("cal", "test"):
         record_checkpoint(ck, split, progress=False).save(ck / f"{split}.pt")
     save_json({"model": "tiny_cnn"}, ck / "summary.json")
+    return ck
+
+
+def _retrained(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint whose model.pt now holds other weights, as a later training into the folder would
+    leave it, with the old run's records (cal.pt, test.pt) still beside: `cp old/{cal,test}.pt ck/`."""
+    ck = copy_checkpoint(src, dst)
+    weights = torch.load(ck / "model.pt", weights_only=True)
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 0.01
+    torch.save(weights, ck / "model.pt")
     return ck
 
 
@@ -82,6 +96,29 @@ def test_overwrite_removes_the_old_runs_records_summary_and_policies(tmp_path, c
     assert (ck / "model.pt").read_bytes() != old_weights
 
 
+def test_overwrite_removes_every_file_of_eelabs_kinds_whatever_its_name(tmp_path, capsys, recorded, tiny_folder):
+    ck = copy_checkpoint(recorded, tmp_path / "ck")
+    make_policy("threshold").fit(load_record(ck / "cal.pt")).save(ck / "risk.pol")
+    identity_ensemble(2, 3).save(ck / "ens.pt")
+    (ck / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, _train_argv(tiny_folder, ck, "--overwrite", "--seed", "5"))
+    assert code == 0, err
+    names = {p.name for p in ck.iterdir()}
+    assert not {"risk.pol", "ens.pt", "cal.pt", "test.pt"} & names and "notes.txt" in names
+
+
+def test_an_overwrite_that_fails_leaves_the_old_run_whole(tmp_path, capsys, recorded, tiny_folder, monkeypatch):
+    import eelab.training as training
+    ck = copy_checkpoint(recorded, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    one_line_error(capsys, _train_argv(tiny_folder, ck, "--overwrite", "--translate", "100"), "--translate")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    monkeypatch.setattr(training, "_train_epoch", lambda *a, **k: (_ for _ in ()).throw(EelabError("disk full")))
+    code, _, err = run_cli(capsys, _train_argv(tiny_folder, ck, "--overwrite"))   # after the cal-split warning
+    assert code == 1 and err.splitlines()[-1] == "eelab train: error: disk full", err
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
 def test_a_second_training_into_a_claimed_directory_is_refused(tmp_path, capsys, tiny_folder):
     out = tmp_path / "run"
     out.mkdir()
@@ -106,6 +143,43 @@ def test_a_crashed_runs_lock_is_stale_and_taken_over(tmp_path, capsys, tiny_fold
     code, _, err = run_cli(capsys, _train_argv(tiny_folder, out))
     assert code == 0, err
     assert not (out / LOCK).exists()                                          # released after the run
+
+
+def test_two_runs_taking_over_one_stale_lock_cannot_both_hold_it(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+    (out / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    real, judged = checkpoint._lock_holder, threading.Barrier(2, timeout=1)
+
+    def slow(lock):
+        holder = real(lock)
+        if holder is None:          # both judge the old lock stale before either removes it: the race, made wide
+            try:
+                judged.wait()
+            except threading.BrokenBarrierError:
+                pass
+            if threading.current_thread().name == "second":
+                import time
+                time.sleep(0.3)     # the first has removed the stale lock and made its own by now
+        return holder
+    monkeypatch.setattr(checkpoint, "_lock_holder", slow)
+    outcomes = []
+
+    def claim():
+        try:
+            checkpoint._take_lock(out)
+            outcomes.append("held")
+        except EelabError:
+            outcomes.append("refused")
+    threads = [threading.Thread(target=claim, name=name) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["held", "refused"]
 
 
 def test_claim_run_locks_and_releases(tmp_path):
@@ -151,12 +225,74 @@ def test_records_of_another_model_beside_a_checkpoint_are_refused(tmp_path, caps
     ck = copy_checkpoint(recorded, tmp_path / "ck")
     for split in ("cal", "test"):                                             # as an old run would leave them
         rec = load_record(ck / f"{split}.pt")
-        replace(rec, meta={**rec.meta, "checkpoint_sha256": "0" * 64}).save(ck / f"{split}.pt")
-    with pytest.raises(EelabError, match="recorded from checkpoint 000000000000"):
+        torch.save(replace(rec, meta={**rec.meta, "checkpoint_sha256": "0" * 64}).to_dict(), ck / f"{split}.pt")
+    with pytest.raises(EelabError, match=r"different checkpoints \(000000000000 vs"):
         load_records(ck)
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
-    one_line_error(capsys, ["predict", ck, img, "--policy", "risk"], "cal.pt", "recorded from checkpoint")
+    one_line_error(capsys, ["predict", ck, img, "--policy", "risk"], "cal.pt", "different checkpoints")
+
+
+def _fitted_elsewhere(recorded: Path) -> Policy:
+    """A policy fitted on the cal record of another checkpoint (the hash in its fit info is not this one's)."""
+    cal = load_record(recorded / "cal.pt")
+    elsewhere = replace(cal, meta={**cal.meta, "checkpoint_sha256": "0" * 64})
+    return make_policy("threshold", temperature=True).fit(elsewhere)
+
+
+def test_a_policy_of_another_checkpoint_is_refused_however_it_is_given(tmp_path, capsys, recorded):
+    from eelab.export import export_onnx
+    policy = _fitted_elsewhere(recorded)
+    policy.save(tmp_path / "risk.pol")                                          # any suffix
+    for given in (policy, load_policy(tmp_path / "risk.pol"), tmp_path / "risk.pol"):  # an object, loaded, a path
+        with pytest.raises(EelabError, match=r"different checkpoints \(000000000000 vs .*refit") as e:
+            inference.EarlyExitPredictor.from_checkpoint(recorded, given)
+        assert "\n" not in str(e.value)
+    with pytest.raises(EelabError, match="different checkpoints"):
+        export_onnx(recorded, tmp_path / "onnx", policy=policy)
+    assert not list((tmp_path / "onnx").glob("*"))                              # no graph written
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    one_line_error(capsys, ["predict", recorded, img, "--policy", tmp_path / "risk.pol"], "different checkpoints",
+                   "refit")
+
+
+def test_a_policy_decides_only_on_the_outputs_it_was_fitted_on(tmp_path, capsys):
+    cal = random_record(60, 3, 4, seed=3, sha="a" * 64)
+    policy = make_policy("threshold", temperature=True).fit(cal)
+    with pytest.raises(EelabError, match=r"different checkpoints \(aaaaaaaaaaaa vs bbbbbbbbbbbb\)"):
+        policy.decide(random_record(40, 3, 4, seed=4, sha="b" * 64))
+    assert policy.decide(random_record(40, 3, 4, seed=4, sha="a" * 64)).shape == (40,)   # its own checkpoint
+    assert policy.decide(random_record(40, 3, 4, seed=4)).shape == (40,)                # a synthetic record: no hash
+    ens = identity_ensemble(3, 4)
+    test = random_record(40, 3, 4, seed=4, sha="a" * 64)
+    with pytest.raises(EelabError, match="used without that ensemble"):
+        make_policy("threshold").fit(ens.apply(cal)).decide(test)
+    with pytest.raises(EelabError, match="is for plain exits"):
+        policy.decide(ens.apply(test))
+    # and on the command line, a policy file fitted elsewhere
+    policy.save(tmp_path / "p.pt")
+    random_record(40, 3, 4, seed=4, sha="b" * 64).save(tmp_path / "test.pt")
+    one_line_error(capsys, ["evaluate", tmp_path / "test.pt", "--policy", tmp_path / "p.pt"], "different checkpoints",
+                   "refit")
+
+
+def test_a_record_is_never_written_beside_another_checkpoints_model(tmp_path, capsys, recorded, monkeypatch):
+    other = _retrained(recorded, tmp_path / "other")
+    with pytest.raises(EelabError, match="different checkpoints"):
+        load_record(recorded / "test.pt").save(other / "mine.pt")
+    assert not (other / "mine.pt").exists()
+    _no_work(monkeypatch, (records, "record_checkpoint"))
+    one_line_error(capsys, ["record", recorded, "--split", "test", "--out", other / "test.pt", "--overwrite"],
+                   "different checkpoints", "own folder")
+
+
+def test_evaluate_and_sweep_refuse_records_left_beside_a_newer_model(tmp_path, capsys, recorded):
+    ck = _retrained(recorded, tmp_path / "ck")
+    for argv in (["evaluate", ck / "test.pt", "--policy", "risk"], ["evaluate", ck / "test.pt", "--policy", "static"],
+                 ["sweep", ck / "test.pt", "--policy", "threshold"],
+                 ["evaluate", recorded / "test.pt", "--policy", "risk", "--cal", ck / "cal.pt"]):
+        one_line_error(capsys, argv, "model.pt", "different checkpoints", "eelab record")
 
 
 def test_stale_temp_files_are_cleaned_on_the_next_write(tmp_path):
@@ -383,6 +519,64 @@ def test_record_batch_size_and_limit_are_checked_first(flag, tmp_path, capsys, r
     _no_work(monkeypatch, (records, "record_checkpoint"))
     one_line_error(capsys, ["record", recorded, "--split", "test", "--out", tmp_path / "t.pt", flag],
                    flag.split("=")[0])
+
+
+@pytest.mark.parametrize("changes", [{"translate": 32}, {"translate": 8, "image_size": 8},
+                                     {"translate": 28, "dataset": "mnist"}])
+def test_translate_is_bounded_by_the_image_side(changes):
+    with pytest.raises(EelabError, match="--translate must be below the image side"):
+        TrainConfig(**changes)
+    TrainConfig(**{**changes, "translate": changes["translate"] - 1})
+    TrainConfig(**changes, augment=False)                                     # not used without augmentation
+
+
+def test_translate_beyond_a_folders_images_is_one_line_before_the_model_is_built(tmp_path, capsys, tiny_folder,
+                                                                                monkeypatch):
+    import eelab.training as training
+    _no_work(monkeypatch, (training, "_build_model"))
+    one_line_error(capsys, _train_argv(tiny_folder, tmp_path / "a", "--translate", "100"), "--translate", "8 pixels")
+    _no_work(monkeypatch, (training, "load_dataset"))
+    one_line_error(capsys, _train_argv(tiny_folder, tmp_path / "b", "--translate", "8", "--image-size", "8"),
+                   "--translate")
+
+
+@pytest.mark.parametrize("policy, param", [("alpha", "hidden"), ("alpha", "steps"), ("dqn", "hidden"),
+                                           ("dqn", "steps"), ("dqn", "batch_size"), ("dqn", "target_every"),
+                                           ("patience", "patience"), ("static", "exit")])
+def test_integer_policy_parameters_have_a_maximum(policy, param, tmp_path, capsys, monkeypatch):
+    random_record(40, 3, 4, seed=2).save(tmp_path / "cal.pt")
+    random_record(40, 3, 4, seed=1).save(tmp_path / "test.pt")
+    _no_work(monkeypatch, (Policy, "fit"), (Policy, "decide"))
+    err = one_line_error(capsys, ["evaluate", tmp_path / "test.pt", "--policy", policy, "--param",
+                                  f"{param}={10**23}"], f"parameter {param}", "24-digit number")
+    assert len(err) < 300, err
+
+
+def test_every_integer_policy_parameter_declares_its_maximum():
+    from eelab.policies import POLICIES
+    loose = [f"{name}.{key}" for name, cls in POLICIES.items() for key, spec in cls.PARAMS.items()
+             if spec.kind == "int" and spec.hi is None]
+    assert not loose
+
+
+def test_every_seed_is_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    random_record(40, 3, 4, seed=2).save(tmp_path / "cal.pt")
+    with pytest.raises(EelabError, match="--seed"):
+        fit_ensemble(load_record(tmp_path / "cal.pt"), seed=2**70)
+    _no_work(monkeypatch, (records, "load_record"))
+    for seed in (str(10**23), "-1"):
+        one_line_error(capsys, ["ensemble", tmp_path / "cal.pt", "--out", tmp_path / "e.pt", "--seed", seed], "--seed")
+    with pytest.raises(EelabError, match="--seed"):
+        TrainConfig(seed=10**23)
+
+
+def test_export_to_a_folder_that_cannot_be_made_fails_before_loading(tmp_path, capsys, recorded, monkeypatch):
+    import eelab.export as export
+    _no_work(monkeypatch, (export, "load_checkpoint"))
+    (tmp_path / "plain").write_text("x")
+    one_line_error(capsys, ["export", recorded, "--format", "onnx", "--out", tmp_path / "plain" / "sub"],
+                   "is a file, not a folder")
+    one_line_error(capsys, ["export", recorded, "--format", "onnx", "--out", "/proc/eelab-export"], "/proc")
 
 
 def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys, recorded):

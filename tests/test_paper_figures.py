@@ -46,19 +46,20 @@ def data():
 
 def _fronts(grids, x):
     """The compare panel's frontiers: the cheap families' fronts, plus learned families' members (alpha seeds,
-    dqn lambdas) as literal shifted copies of threshold's front (training them takes minutes)."""
+    dqn cost_weights) as literal shifted copies of threshold's front (training them takes minutes)."""
     fronts = {name: g.front(x=x) for name, g in grids.items() if name != "static"}
     base = fronts["threshold"]
     for i, shift in enumerate([0.004, -0.006]):
         fronts[f"alpha {i + 1}" if i else "alpha"] = base.assign(accuracy=base["accuracy"] - shift)
-        fronts[f"dqn lambda={0.1 * (i + 1):g}"] = base.assign(accuracy=base["accuracy"] - 2 * shift,
+        fronts[f"dqn cost_weight={0.1 * (i + 1):g}"] = base.assign(accuracy=base["accuracy"] - 2 * shift,
                                                              **{x: base[x] * (1.02 + 0.02 * i)})
     return fronts
 
 
-DQN_TRACES = {f"lambda={w:g}": [{"step": s, "greedy_reward": 0.6 + 0.2 * w - 0.3 / (1 + s / 100) + 0.01 * (s % 3),
-                                  "exit_fractions": [0.2 + 0.3 * w, 0.3, 0.3 - 0.2 * w, 0.2 - 0.1 * w]}
-                                 for s in range(25, 1001, 25)] for w in (0.05, 0.1, 0.3, 0.6)}
+DQN_TRACES = {f"dqn cost_weight={w:g}": [{"step": s, "greedy_reward": 0.6 + 0.2 * w - 0.3 / (1 + s / 100)
+                                           + 0.01 * (s % 3),
+                                           "exit_fractions": [0.2 + 0.3 * w, 0.3, 0.3 - 0.2 * w, 0.2 - 0.1 * w]}
+                                          for s in range(25, 1001, 25)] for w in (0.05, 0.1, 0.3, 0.6)}
 ALPHA_SENSITIVITY = pd.DataFrame({"alpha": [0.0, 0.001, 0.01, 0.05, 0.1, 0.5], "n_seeds": [3] * 6,
                                   "accuracy": [0.905, 0.903, 0.898, 0.874, 0.85, 0.78],
                                   "accuracy_std": [0.002, 0.003, 0.004, 0.01, 0.012, 0.02],
@@ -162,7 +163,7 @@ def test_every_notebook_figure_prints_as_it_is(name, size, data, tmp_path):
 def test_families_keep_their_look_and_members_differ(data):
     fig = _figure("frontiers", "column", data)
     lines = {line.get_label(): line for line in fig.axes[0].lines if not line.get_label().startswith("_")}
-    for name in ("threshold", "patience", "budget", "alpha", "dqn lambda=0.1"):
+    for name in ("threshold", "patience", "budget", "alpha", "dqn cost_weight=0.1"):
         assert lines[name].get_color() == plots.policy_style(name)["color"]
     assert lines["alpha 2"].get_color() == lines["alpha"].get_color()
     assert (lines["alpha 2"].get_marker(), lines["alpha 2"].get_linestyle()) != \
@@ -226,6 +227,23 @@ def test_checker_finds_panels_running_into_each_other():
     b.set_title("and the second one's")
     problems = figcheck.figure_problems(fig)
     assert any("of neighbouring axes overlap" in p for p in problems), problems
+
+
+def test_checker_reads_slanted_tick_labels_as_they_are_drawn():
+    """Slanted labels are judged by their own turned rectangles, not their wider upright extents: shingled
+    labels that do not touch pass (the per-class heatmap at one-column width, six policies), and labels drawn
+    over each other are found, slanted or upright."""
+    table = pd.DataFrame([[0.9] * 6] * 10, columns=["static", "threshold", "patience", "budget", "risk", "oracle"],
+                         index=[f"class {i}" for i in range(10)])
+    heatmap = plots.plot_class_heatmap(table, size="column")
+    assert any(t.get_rotation() for t in heatmap.axes[0].get_xticklabels())  # the case in point: slanted
+    assert figcheck.figure_problems(heatmap) == []
+    for rotation in (0, 10):  # at 10 degrees the long labels lie over each other
+        fig, ax = plt.subplots(figsize=(2.5, 2.5), layout="constrained")
+        ax.bar(range(6), [1] * 6)
+        ax.set_xticks(range(6), [f"a very long label {i}" for i in range(6)], rotation=rotation, fontsize=9)
+        assert "x tick labels overlap each other" in " ".join(figcheck.figure_problems(fig)), rotation
+        plt.close(fig)
 
 
 def test_checker_passes_a_clean_figure_and_export_refuses_a_faulty_one(tmp_path):

@@ -104,9 +104,9 @@ def test_sensitivity_and_dqn_training_draw_the_given_numbers():
     acc, saved = fig.axes
     assert list(acc.lines[0].get_xdata()) == [0.0, 0.5] and list(acc.lines[0].get_ydata()) == [0.9, 0.8]
     assert list(saved.lines[0].get_ydata()) == [0.1, 0.5] and "3 seeds" in acc.get_title()
-    traces = {"lambda=0.1": [{"step": 25, "greedy_reward": 0.5, "exit_fractions": [0.2, 0.8]},
-                             {"step": 50, "greedy_reward": 0.6, "exit_fractions": [0.3, 0.7]}],
-              "lambda=1": [{"step": 25, "greedy_reward": 0.1, "exit_fractions": [0.9, 0.1]}]}
+    traces = {"dqn cost_weight=0.1": [{"step": 25, "greedy_reward": 0.5, "exit_fractions": [0.2, 0.8]},
+                                      {"step": 50, "greedy_reward": 0.6, "exit_fractions": [0.3, 0.7]}],
+              "dqn cost_weight=1": [{"step": 25, "greedy_reward": 0.1, "exit_fractions": [0.9, 0.1]}]}
     fig = plots.plot_dqn_training(traces)
     reward, exits = fig.axes
     assert [list(line.get_ydata()) for line in reward.lines] == [[0.5, 0.6], [0.1]]

@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_config
 from matplotlib.figure import Figure
 
-from eelab import plots, testing, widgets
-from eelab.errors import EelabError
+from eelab import plots, testing, widgets, workbench
+from eelab.errors import EelabError, EelabWarning
 from eelab.metrics import evaluate, oracle_frontier, pareto_front
 from eelab.policies import Policy, RiskPolicy, make_policy
 from eelab.sweep import precompute_grid
@@ -224,6 +224,169 @@ def test_export_refuses_a_clash_before_writing_anything(grids, tmp_path):
         control.export()
     control.button.click()
     assert "export failed" in control.output.value and not (tmp_path / "f").exists()
+
+
+def test_manifest_says_per_file_which_policies_and_constants_made_it(pair, grids, tmp_path):
+    """02's sensitivity comes from every seed's grid, 04's matched table from each grid's matched point, 01's
+    examples from one fitted policy: each file's manifest entry names them and the notebook constants."""
+    cal, test = pair
+    seeds = [precompute_grid("threshold", cal, test, max_points=n, name="threshold") for n in (5, 7, 9)]
+    target = workbench.target_accuracy(cal, 0.2)
+    fitted = make_policy("threshold", threshold=0.9).fit(cal)
+    panel = widgets.PolicySliderPanel(grids["threshold"])
+    figure = plots.plot_exit_distribution({"threshold": [0.5, 0.2, 0.2, 0.1]})
+    made_with = {"sensitivity": workbench.made_with(seeds, SEEDS=[0, 1, 2], ALPHAS=[0.0, 0.5]),
+                 "matched": workbench.made_with(grids, accuracy=target, TOLERANCE=0.2),
+                 "examples": workbench.made_with(fitted, EXAMPLE_POLICY={"threshold": 0.9}),
+                 "sliders": workbench.made_with(THRESHOLD_POINTS=15)}
+    control = widgets.ExportControl(panel, {"sensitivity": seeds[0].table, "matched": grids["static"].table,
+                                            "examples": figure, "plain": grids["static"].table},
+                                    folder=tmp_path, prefix="m_", records=[cal, test], made_with=made_with)
+    manifest = json.loads(control.export()[-1].read_text())
+    entries = {f["name"]: f["made_with"] for f in manifest["files"]}
+    assert set(entries) == {f["name"] for f in manifest["files"]}  # every file says what made it
+    sensitivity = entries["m_sensitivity.csv"]
+    assert sensitivity["constants"] == {"SEEDS": [0, 1, 2], "ALPHAS": [0.0, 0.5]}
+    assert [p["points"] for p in sensitivity["policies"]] == [5, 7, 9]  # every seed's grid, not seed 0's alone
+    assert entries["m_sensitivity.tex"] == sensitivity
+    matched = entries["m_matched.csv"]
+    assert matched["matched_at"] == {"accuracy": pytest.approx(target)} and matched["constants"] == {"TOLERANCE": 0.2}
+    for entry in matched["policies"]:
+        row = workbench.matched_point(grids[entry["grid"]], accuracy=target)
+        assert (entry["selected"] or {}).get("row") == row
+        if row is not None:
+            policy = grids[entry["grid"]].policies[row]
+            assert entry["selected"]["params"] == json.loads(json.dumps(dict(policy.params)))
+    assert entries["m_examples.pdf"]["policies"] == [{"source": "examples", "family": "threshold",
+                                                       "params": {**fitted.params, "threshold": 0.9},
+                                                       "fitted": json.loads(json.dumps(fitted.summary()))}]
+    assert entries["m_plain.csv"] == {"policies": [], "constants": {}}
+    # a panel's files: the policy it shows (its selected point), and what made_with adds under its label
+    frontier = entries["m_frontier.pdf"]
+    assert frontier["constants"] == {"THRESHOLD_POINTS": 15}
+    assert [(p["source"], p["selected"]["row"]) for p in frontier["policies"]] == [("sliders", panel.selected())]
+    # the manifest's policy list holds them all, each saying where it is used
+    sources = [p["source"] for p in manifest["policies"]]
+    assert sources.count("sensitivity") == 3 and sources.count("matched") == len(grids) and "examples" in sources
+
+
+def test_made_with_refuses_names_the_export_does_not_write(grids, tmp_path):
+    control = widgets.ExportControl({"summary": grids["static"].table}, folder=tmp_path / "f",
+                                    made_with={"sumary": workbench.made_with(SEEDS=[0])})
+    with pytest.raises(EelabError, match="nothing written.*sumary.*summary"):
+        control.export()
+    assert not (tmp_path / "f").exists()
+    with pytest.raises(EelabError, match="grids, fitted policies"):
+        workbench.made_with("threshold")
+
+
+@pytest.mark.parametrize("size,width", [("column", 3.3), ("page", 6.9)])
+def test_export_draws_every_figure_at_the_chosen_size(grids, pair, tmp_path, size, width):
+    risk = widgets.RiskControlPanel(precompute_grid("risk", *pair, {"epsilon": [0.05, 0.1], "delta": [0.1]}))
+    compare = widgets.ComparePoliciesPanel({name: grids[name] for name in ("threshold", "patience")})
+    drawn = plots.plot_training([{"epoch": e, "train_loss": 1 / e, "cal_acc": [0.5, 0.6 + e / 100]}
+                                 for e in (1, 2, 3)])  # a page-wide figure by default
+    control = widgets.ExportControl(risk, compare, {"training": drawn}, folder=tmp_path, size=size)
+    assert control.size.value == size
+    manifest = json.loads(control.export()[-1].read_text())
+    widths = {f["name"]: f["size_inches"][0] for f in manifest["files"] if f["name"].endswith(".pdf")}
+    assert set(widths) == {"frontier.pdf", "exit_distribution.pdf", "risk.pdf", "frontiers.pdf",
+                           "frontiers_latency.pdf", "training.pdf"}
+    assert set(widths.values()) == {width} and manifest["size"] == size
+    assert all(problems == [] for problems in manifest["figure_problems"].values()), manifest["figure_problems"]
+    control.size.value = "default"  # the menu: each figure as drawn, the notebook's figure untouched
+    manifest = json.loads(control.export()[-1].read_text())
+    sizes = {f["name"]: f["size_inches"][0] for f in manifest["files"] if f["name"].endswith(".pdf")}
+    assert sizes["training.pdf"] == 6.9 and sizes["frontier.pdf"] == 3.3
+    assert tuple(drawn.get_size_inches()) == pytest.approx((6.9, drawn.get_size_inches()[1]))
+    with pytest.raises(EelabError, match="column, page"):
+        widgets.ExportControl(risk, size="poster")
+
+
+def test_redraw_draws_a_figure_again_at_another_size():
+    fig = plots.plot_exit_distribution({"threshold": [0.5, 0.2, 0.2, 0.1], "patience": [0.1, 0.2, 0.3, 0.4]},
+                                       title="where they leave")
+    page = plots.redraw(fig, "page")
+    assert page is not fig and page.get_size_inches()[0] == 6.9 and fig.get_size_inches()[0] == 3.3
+    labels = [t.get_text() for t in page.legends[0].get_texts()]
+    assert labels == [t.get_text() for t in fig.legends[0].get_texts()] == ["threshold", "patience"]
+    assert plots.redraw(page, "column").get_size_inches()[0] == 3.3 and plots.redraw(fig, "default") is fig
+    other = Figure()  # a figure no plot_* drew is exported as it is
+    assert plots.redraw(other, "page") is other
+
+
+def test_a_faulty_figure_is_written_and_its_problems_reported(grids, tmp_path):
+    import matplotlib.pyplot as plt
+
+    faulty, ax = plt.subplots(figsize=(3.3, 2))
+    ax.plot([0, 1], [0, 1], color="k", label="a")
+    ax.plot([0, 1], [1, 0], color="k", label="b")  # two series alike: colour, marker and line style
+    ax.text(1.4, 0.5, "far outside the canvas", transform=ax.transAxes)
+    plt.close(faulty)
+    control = widgets.ExportControl({"faulty": faulty, "table": grids["static"].table}, folder=tmp_path, prefix="f_")
+    with pytest.warns(EelabWarning, match="f_faulty is not ready to print"):
+        written = control.export()
+    assert (tmp_path / "f_faulty.pdf").is_file() and len(written) == 3 + 2 + 1
+    problems = json.loads((tmp_path / "f_manifest.json").read_text())["figure_problems"]["f_faulty"]
+    assert problems and "check f_faulty" in control.output.value
+    control.output.value = ""
+    control.button.click()  # the button shows them below it (its warnings would go to no cell)
+    assert "check f_faulty" in control.output.value and "wrote 6 files" in control.output.value
+
+
+def test_export_moves_a_progress_bar(grids, tmp_path):
+    panel = widgets.PolicySliderPanel(grids["threshold"])
+    control = widgets.ExportControl(panel, {"table": grids["static"].table}, folder=tmp_path)
+    assert control.progress.layout.visibility == "hidden"
+    seen = []
+    control.progress.observe(lambda change: seen.append(change["new"]), names="value")
+    control.export(progress=False)
+    # one step per source drawn, per figure or table written (3 of the panel's, 1 table), and the manifest
+    assert seen == list(range(1, 2 + 4 + 2)) and control.progress.max == 2 + 4 + 1
+    assert control.progress.layout.visibility == "hidden"
+
+
+@pytest.mark.parametrize("kind", ["pct", "num"])
+def test_plotly_tick_labels_print_their_values(kind, grids, pair):
+    """Plotly steps linear ticks by 1, 2 or 5 times a power of ten and takes the first tickformatstop whose
+    dtickrange holds the step; each step's format must print every tick exactly (d3 formats emulated)."""
+    if kind == "pct":  # a frontier's accuracy axis
+        axis = widgets.PolicySliderPanel(grids["threshold"]).frontier.layout.yaxis
+    else:  # the DQN panel's reward axis
+        axis = widgets.DQNTrainingPanel(*pair, cost_weights=[0.1]).reward_figure.layout.yaxis
+    stops = [{"dtickrange": list(stop.dtickrange), "value": stop.value} for stop in axis.tickformatstops]
+
+    def label(value: float, fmt: str) -> str:
+        decimals = int(fmt.strip(",.%f"))
+        return f"{value * 100:.{decimals}f}%" if fmt.endswith("%") else f"{value:,.{decimals}f}"
+
+    def chosen(dtick: float) -> str:
+        return next(s["value"] for s in stops if (s["dtickrange"][0] is None or s["dtickrange"][0] <= dtick)
+                    and (s["dtickrange"][1] is None or dtick <= s["dtickrange"][1]))
+
+    for power in range(-6, 2):
+        for base in (1, 2, 5):
+            dtick = base * 10.0 ** power
+            if kind == "pct" and dtick < 1e-4 or kind == "num" and dtick < 1e-3:
+                continue  # finer than the four decimals a label prints
+            fmt = chosen(dtick)
+            values = [round(i * dtick, 12) for i in range(-3, 12)]
+            labels = [label(v, fmt) for v in values]
+            assert len(set(labels)) == len(labels), (dtick, fmt, labels)
+            scale = 100 if kind == "pct" else 1
+            assert all(float(t.rstrip("%").replace(",", "")) == pytest.approx(v * scale, abs=1e-9)
+                       for t, v in zip(labels, values)), (dtick, fmt, labels)
+    if kind == "pct":  # the audit's case: ticks 0.5 % apart
+        assert [label(v, chosen(0.005)) for v in (0.005, 0.01, 0.015)] == ["0.5%", "1.0%", "1.5%"]
+
+
+def test_panels_percent_axes_choose_their_format_from_the_step(grids):
+    panel = widgets.PolicySliderPanel(grids["threshold"], classes=True)
+    assert panel.frontier.layout.yaxis.tickformatstops and panel.frontier.layout.xaxis.tickformatstops
+    assert panel.exit_figure.layout.xaxis.tickformat == "d" and not panel.exit_figure.layout.xaxis.tickformatstops
+    assert not panel.class_figure.layout.yaxis.tickformatstops  # class names, not numbers
+    compare = widgets.ComparePoliciesPanel(grids)
+    assert [s.value for s in compare.figure.layout.yaxis.tickformatstops][:2] == [".0%", ".1%"]
 
 
 def test_panel_traces_take_their_family_style(grids):

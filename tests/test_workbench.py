@@ -99,6 +99,28 @@ def test_batched_fit_grid_hook_is_used(pair):
     assert calls == [2]
 
 
+def test_batched_fit_moves_its_bar_while_it_runs(pair, capsys):
+    """A batched fit_grid is one long call: the bar follows the share it reports (callback=) and its clock keeps
+    being redrawn while it runs."""
+    import time
+
+    class Reporting(ThresholdPolicy):
+        def needs_fit(self) -> bool:  # a learned family: its points get a bar
+            return True
+
+        @classmethod
+        def fit_grid(cls, points, cal, callback=None):
+            callback(0.5)
+            time.sleep(1.6)  # the clock is redrawn every half second meanwhile
+            return [cls(**point).fit(cal) for point in points]
+
+    from eelab.sweep import fit_points
+
+    fit_points(Reporting, [{"threshold": t} for t in (0.2, 0.5, 0.8, 0.9)], pair[0], progress=True)
+    err = capsys.readouterr().err
+    assert " 2/4 " in err and err.count(" 2/4 ") >= 2 and " 4/4 " in err, err
+
+
 # ---- hand-computed answers on the tiny record ---------------------------------------------------------
 def test_matched_points_by_hand():
     rec = tiny_record()
@@ -223,6 +245,21 @@ def test_examples_without_the_dataset_say_how_to_get_it(pair, tmp_path):
     ex = workbench.find_examples(absent, torch.zeros(test.n, dtype=torch.long), n=5)
     assert ex.images is None and "does not exist" in ex.message and "exit records" in ex.message
     assert len(ex.labels) == len(ex.exits) == 5
+
+
+def test_examples_show_the_dataset_loading_progress(pair, monkeypatch):
+    """A fresh clone decodes the dataset on its first examples (60,000 JPEGs for cifar10-jpeg): with a bar."""
+    asked = []
+
+    def load(name, image_size=None, progress=True):
+        asked.append(progress)
+        raise EelabError("not here")
+
+    monkeypatch.setattr("eelab.data.load_dataset", load)
+    test = ExitRecord(**{**pair[1].__dict__, "meta": {**pair[1].meta, "dataset": "cifar10-jpeg", "split": "test"}})
+    workbench.find_examples(test, torch.zeros(test.n, dtype=torch.long), n=2)
+    workbench.find_examples(test, torch.zeros(test.n, dtype=torch.long), n=2, progress=False)
+    assert asked == [True, False]
 
 
 def test_examples_come_from_the_dataset_when_it_is_here(tiny_checkpoint):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..data import MAX_SEED
 from ..errors import EelabError
 from ..metrics import charged_costs
 from ..models import count_macs
@@ -58,10 +60,10 @@ class AlphaPolicy(Policy):
     name = "alpha"
     PARAMS = {
         "alpha": Param(0.5, "float", "weight of expected cost against expected cross-entropy", lo=0, hi=1),
-        "hidden": Param(8, "int", "hidden units of each exit's gate (one hidden layer)", lo=1),
-        "steps": Param(200, "int", "full-batch Adam steps", lo=1),
+        "hidden": Param(8, "int", "hidden units of each exit's gate (one hidden layer)", lo=1, hi=4096),
+        "steps": Param(200, "int", "full-batch Adam steps", lo=1, hi=100_000),
         "lr": Param(0.03, "float", "Adam learning rate", lo=0, hi=10, open_lo=True),
-        "seed": Param(0, "int", "seed of the gates' initial weights", lo=0, hi=2**32 - 1),
+        "seed": Param(0, "int", "seed of the gates' initial weights", lo=0, hi=MAX_SEED),
     }
     FITTED = ("w1", "b1", "w2", "b2")
 
@@ -89,16 +91,20 @@ class AlphaPolicy(Policy):
         return self.gate_logits(k, logits_k) > 0, state  # sigmoid(z) > 0.5 exactly when z > 0
 
     @classmethod
-    def fit_grid(cls, points: list[dict[str, Any]], cal: ExitRecord) -> list["AlphaPolicy"]:
+    def fit_grid(cls, points: list[dict[str, Any]], cal: ExitRecord,
+                 callback: Callable[[float], None] | None = None) -> list["AlphaPolicy"]:
         """One fitted policy per point; points that differ only in alpha are fitted in one batched run
-        (fit_alpha_grid), so a 21-alpha grid costs about one fit."""
+        (fit_alpha_grid), so a 21-alpha grid costs about one fit. callback(share done in [0, 1]) after each
+        optimiser step, over all the runs (for a progress bar)."""
         policies = [cls(**point) for point in points]
         groups: dict[tuple, list[int]] = {}
         for i, policy in enumerate(policies):
             rest = {key: value for key, value in policy.params.items() if key != "alpha"}
             groups.setdefault(tuple(sorted(rest.items())), []).append(i)
-        for key, idx in groups.items():
-            for i, fitted in zip(idx, fit_alpha_grid(cal, [policies[i].params["alpha"] for i in idx], **dict(key))):
+        for g, (key, idx) in enumerate(groups.items()):
+            share = None if callback is None else (lambda done, g=g: callback((g + done) / len(groups)))
+            for i, fitted in zip(idx, fit_alpha_grid(cal, [policies[i].params["alpha"] for i in idx],
+                                                      callback=share, **dict(key))):
                 policies[i].fitted, policies[i].info = fitted.fitted, fitted.info
         return policies
 
@@ -108,10 +114,12 @@ class AlphaPolicy(Policy):
         return [{"alpha": round(0.05 * i, 2)} for i in range(21)]
 
 
-def fit_alpha_grid(cal: ExitRecord, alphas: list[float] | torch.Tensor, **params: Any) -> list[AlphaPolicy]:
+def fit_alpha_grid(cal: ExitRecord, alphas: list[float] | torch.Tensor,
+                   callback: Callable[[float], None] | None = None, **params: Any) -> list[AlphaPolicy]:
     """Fit one AlphaPolicy per alpha on a cal record in one batched run (e.g. for an alpha slider).
 
-    alphas [A] in [0, 1]; params: the other AlphaPolicy parameters (hidden, steps, lr, seed), shared.
+    alphas [A] in [0, 1]; params: the other AlphaPolicy parameters (hidden, steps, lr, seed), shared;
+    callback(share of the optimiser steps done) after each step (e.g. a progress bar).
     Each returned policy equals AlphaPolicy(alpha=a, **params).fit(cal) (same seed, same initial gates) up to
     floating-point rounding: a batched matmul may round differently from a single one.
     """
@@ -119,7 +127,7 @@ def fit_alpha_grid(cal: ExitRecord, alphas: list[float] | torch.Tensor, **params
     policies = [AlphaPolicy(alpha=a, **params) for a in alphas]
     if not policies:
         return []
-    fitted, info = _fit_gates(cal, alphas, policies[0].params)
+    fitted, info = _fit_gates(cal, alphas, policies[0].params, callback)
     for policy, tensors, extra in zip(policies, fitted, info):
         problem = policy.fitted_problem(tensors)
         if problem:  # the same guard as Policy.fit: no policy of the grid comes back half-fitted
@@ -159,9 +167,11 @@ def _init_gates(num_gates: int, f: int, hidden: int, seed: int) -> dict[str, tor
             "b2": torch.zeros(num_gates, 1)}
 
 
-def _fit_gates(cal: ExitRecord, alphas: list[float],
-               params: dict[str, Any]) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
-    """Fit the gates for every alpha at once by full-batch Adam: per alpha, its fitted tensors and info."""
+def _fit_gates(cal: ExitRecord, alphas: list[float], params: dict[str, Any],
+               callback: Callable[[float], None] | None = None) -> tuple[list[dict[str, torch.Tensor]],
+                                                                          list[dict[str, Any]]]:
+    """Fit the gates for every alpha at once by full-batch Adam: per alpha, its fitted tensors and info;
+    callback(share of the steps done) after each step."""
     if cal.n == 0:
         raise EelabError("policy alpha needs a non-empty cal record; record the cal split")
     start = time.perf_counter()
@@ -184,11 +194,14 @@ def _fit_gates(cal: ExitRecord, alphas: list[float],
     rel = (charged_costs(cal.costs, _gate_macs(k, hidden)) / cal.full_cost).float()
     alpha = torch.tensor(alphas, dtype=torch.float32)
     optimizer = torch.optim.Adam(list(weights.values()), lr=params["lr"])
-    for _ in range(params["steps"]):
+    steps = params["steps"]
+    for step in range(steps):
         optimizer.zero_grad()
         loss = expected_loss(_all_gates(weights, x, a), ce, rel, alpha)  # [A]
         loss.sum().backward()  # the alphas share no weights: each gets its own gradient
         optimizer.step()
+        if callback is not None:
+            callback((step + 1) / steps)
     with torch.no_grad():
         loss = expected_loss(_all_gates(weights, x, a), ce, rel, alpha)
     seconds = (time.perf_counter() - start) / max(a, 1)

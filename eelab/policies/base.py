@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..errors import EelabError
-from ..records import ExitRecord
+from ..records import ExitRecord, check_same_source
 from .files import save_policy
 from .params import parse_param, show_value
 
@@ -124,6 +124,15 @@ class Policy:
         return {"k": cal.k, "c": cal.c, "n_cal": cal.n, "checkpoint_sha256": cal.meta.get("checkpoint_sha256"),
                 "precision": cal.meta.get("precision", "fp32"), "ensemble_sha256": cal.meta.get("ensemble_sha256")}
 
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the outputs it was fitted on come from, for records.check_same_source: the checkpoint's sha256 and
+        the exit ensemble's (None: plain exits); {} before any fit (nothing to compare)."""
+        if not self.info:
+            return {}
+        return {"checkpoint_sha256": self.info.get("checkpoint_sha256"),
+                "ensemble_sha256": self.info.get("ensemble_sha256")}
+
     def check_exits(self, num_exits: int) -> None:
         """Raise a one-line EelabError unless this policy can decide over K = num_exits exits."""
         if self.needs_fit() and not self.fitted:
@@ -138,8 +147,11 @@ class Policy:
         """Exit chosen for every sample of a record: exits int64 [N] in [0, K).
 
         The same run_policy loop live inference runs, fed from the record's cached logits (and the fields
-        named in INPUTS).
+        named in INPUTS). A policy fitted on another checkpoint's outputs, or on outputs ensembled otherwise, is
+        refused (records.check_same_source).
         """
+        check_same_source(self.source, record.source, f"policy {self.name}", "the record",
+                          "refit it on the cal record of the model this record comes from")
         if not self.INPUTS:
             return run_policy(self, record.k, lambda k, rows: record.logits[rows, k], record.n)
         fields = {}

@@ -1,6 +1,6 @@
 """Learned confidence: exit at the first k whose EENets confidence branch h_k reaches a threshold.
 
-The branches are trained with the network (`eelab train --objective eenet --cost-weight LAMBDA`), so the
+The branches are trained with the network (`eelab train --objective eenet --cost-weight WEIGHT`), so the
 record carries `confidences` [N, K]; the policy reads them through INPUTS and learns nothing itself. The
 branches' MACs are already in the record's costs (measure_costs counts them on the way to each exit).
 """

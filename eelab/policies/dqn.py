@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data import MAX_SEED
 from ..errors import EelabError
 from ..metrics import charged_costs
 from ..models import count_macs
@@ -189,22 +190,20 @@ class DQNPolicy(Policy):
 
     name = "dqn"
     PARAMS = {
-        "cost_weight": Param(0.3, "float", "lambda: reward = 1[right] - cost_weight * MACs / full MACs", lo=0),
-        "hidden": Param(DQNConfig.hidden, "int", "hidden units of the Q-network's two layers", lo=1),
-        "steps": Param(DQNConfig.steps, "int", "gradient updates (each after a step of 256 parallel episodes)", lo=1),
+        "cost_weight": Param(0.3, "float", "reward = 1[right] - cost_weight * MACs / full MACs", lo=0),
+        "hidden": Param(DQNConfig.hidden, "int", "hidden units of the Q-network's two layers", lo=1, hi=4096),
+        "steps": Param(DQNConfig.steps, "int", "gradient updates (each after a step of 256 parallel episodes)", lo=1,
+                       hi=100_000),
         "lr": Param(DQNConfig.lr, "float", "Adam learning rate", lo=0, hi=10, open_lo=True),
-        "batch_size": Param(DQNConfig.batch_size, "int", "transitions per update, drawn from replay", lo=1),
-        "target_every": Param(DQNConfig.target_every, "int", "updates between target-network syncs", lo=1),
+        "batch_size": Param(DQNConfig.batch_size, "int", "transitions per update, drawn from replay (at most the "
+                            "replay memory)", lo=1, hi=DQNConfig.replay_size),
+        "target_every": Param(DQNConfig.target_every, "int", "updates between target-network syncs", lo=1,
+                              hi=100_000),
         "epsilon_end": Param(DQNConfig.epsilon_end, "float", "final exploration rate while training", lo=0, hi=1),
         "seed": Param(DQNConfig.seed, "int", "seed of the weights, episodes, exploration and replay draws",
-                      lo=0, hi=2**32 - 1),
+                      lo=0, hi=MAX_SEED),
     }
     FITTED = ("w0", "b0", "w1", "b1", "w2", "b2")
-
-    def _check_params(self) -> None:
-        if self.params["batch_size"] > DQNConfig.replay_size:
-            raise EelabError(f"policy dqn's batch_size ({self.params['batch_size']}) cannot exceed the replay memory "
-                             f"({DQNConfig.replay_size} transitions); choose a smaller batch_size")
 
     def config(self) -> DQNConfig:
         """The training config these parameters describe."""

@@ -73,6 +73,7 @@ def _try_decide(policy: "Policy", path: str | Path) -> None:
     gen = torch.Generator().manual_seed(0)
     rec = ExitRecord(logits=torch.randn(4, k, c, generator=gen), labels=torch.zeros(4, dtype=torch.long),
                      indices=torch.arange(4), costs=torch.arange(1, k + 1, dtype=torch.float64), full_cost=float(k),
+                     meta=dict(policy.source),  # the outputs it was fitted on, so decide's source check passes
                      confidences=torch.full((4, k), 0.5) if "confidences" in policy.INPUTS else None)
     try:
         exits = policy.decide(rec)

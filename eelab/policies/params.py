@@ -58,8 +58,8 @@ _KIND_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "boo
 
 
 def _check_range(where: str, spec: "Param", value: float) -> None:
-    """One-line EelabError when a number is NaN, infinite or outside the parameter's range."""
-    bad = not math.isfinite(value)
+    """One-line EelabError when a number is NaN, infinite or outside the parameter's range (ints of any size)."""
+    bad = isinstance(value, float) and not math.isfinite(value)
     if spec.lo is not None:
         bad |= value <= spec.lo if spec.open_lo else value < spec.lo
     if spec.hi is not None:
@@ -68,7 +68,9 @@ def _check_range(where: str, spec: "Param", value: float) -> None:
         lo = "-inf" if spec.lo is None else f"{spec.lo:g}"
         hi = "inf" if spec.hi is None else f"{spec.hi:g}"
         span = f"{'(' if spec.open_lo or spec.lo is None else '['}{lo}, {hi}{')' if spec.open_hi or spec.hi is None else ']'}"
-        raise EelabError(f"{where} must be in {span} and finite, got {value:g}")
+        small = isinstance(value, float) or abs(value) < 10**15  # a huge int has no float to show
+        shown = f"{value:g}" if small else f"a {len(str(abs(value)))}-digit number"
+        raise EelabError(f"{where} must be in {span} and finite, got {shown}")
 
 
 def show_value(value: Any) -> str:

@@ -17,7 +17,7 @@ class PatiencePolicy(Policy):
     """
 
     name = "patience"
-    PARAMS = {"patience": Param(2, "int", "consecutive exits that must predict the same class", lo=1)}
+    PARAMS = {"patience": Param(2, "int", "consecutive exits that must predict the same class", lo=1, hi=1000)}
 
     def step(self, k: int, logits_k: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         pred = logits_k.argmax(dim=-1)

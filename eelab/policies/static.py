@@ -14,7 +14,7 @@ class StaticPolicy(Policy):
     """Always exit at `exit` (-1 means the last exit, the full multi-exit network)."""
 
     name = "static"
-    PARAMS = {"exit": Param(-1, "int", "the exit every sample leaves at; -1 is the last", lo=-1)}
+    PARAMS = {"exit": Param(-1, "int", "the exit every sample leaves at; -1 is the last", lo=-1, hi=1000)}
 
     def check_exits(self, num_exits: int) -> None:
         super().check_exits(num_exits)

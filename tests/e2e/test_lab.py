@@ -228,8 +228,9 @@ def check_point(page, trace: str, m: dict) -> None:
     assert shown["eelab:exits"][trace]["y"] == pytest.approx(m["exit_fractions"], abs=1e-12)
 
 
-def export(page, clone: Path, prefix: str) -> list[Path]:
-    """Click the notebook's export button; check the reported count, the files, the manifest, a rendered PDF."""
+def export(page, clone: Path, prefix: str) -> dict[str, dict]:
+    """Click the notebook's export button; check the reported count, the files, the manifest (every figure
+    ready to print, every file saying what made it), a rendered PDF. Returns each file's made_with by name."""
     button = page.locator("button", has_text="export")
     button.scroll_into_view_if_needed()
     button.click()
@@ -242,13 +243,20 @@ def export(page, clone: Path, prefix: str) -> list[Path]:
     listed = {Path(str(f["path"] if isinstance(f, dict) else f)).name for f in manifest["files"]}
     assert listed == {p.name for p in written} - {f"{prefix}manifest.json"}
     assert manifest.get("eelab_version") and manifest.get("date") and manifest.get("records")
+    # the notebook's real figures, as exported, print as they are (not only the synthetic ones of the tests)
+    problems = manifest["figure_problems"]
+    assert set(problems) == {p.stem for p in written if p.suffix == ".pdf"}
+    assert all(found == [] for found in problems.values()), f"{prefix} figures not ready to print: {problems}"
+    assert "check " not in message.inner_text()
+    made = {f["name"]: f["made_with"] for f in manifest["files"]}
+    assert all("policies" in entry and "constants" in entry for entry in made.values())
     pdf = next(p for p in written if p.suffix == ".pdf")
     if not shutil.which("pdftoppm"):
         pytest.fail("make e2e renders an exported PDF with poppler's pdftoppm: apt-get install poppler-utils")
     png = SCREENSHOTS / f"{pdf.stem}"
     subprocess.run(["pdftoppm", "-png", "-r", "60", "-singlefile", str(pdf), str(png)], check=True)
     assert png.with_suffix(".png").stat().st_size > 2000  # a picture, not an empty page
-    return written
+    return made
 
 
 def save(page) -> None:
@@ -282,7 +290,11 @@ def test_the_four_notebooks_in_the_browser(clone, lab, page):
         cal, test = load_records(checkpoint, limit=c["LIMIT"])
         value = move(page, "threshold", -2)
         check_point(page, "threshold", threshold_row(cal, test, value, c["THRESHOLD_POINTS"])[1])
-        export(page, clone, "02_")
+        made = export(page, clone, "02_")
+        for name in ("02_sensitivity.csv", "02_alpha_sensitivity.pdf", "02_summary.tex"):  # every seed's gates
+            assert made[name]["constants"]["SEEDS"] == c["SEEDS"]
+            assert sorted(p["parameters"]["seed"][0] for p in made[name]["policies"] if p["family"] == "alpha") == \
+                sorted(c["SEEDS"])
         save(page)
 
         # 03: the cost-weight slider picks an agent; the saved agent, decided here, gives the plotted point
@@ -313,7 +325,12 @@ def test_the_four_notebooks_in_the_browser(clone, lab, page):
         shown = figures(page)
         assert shown["eelab:risk"]["selected"]["y"] == pytest.approx([lost], abs=1e-12)
         assert "threshold" in shown["eelab:compare"]  # the compare panel drew the families
-        export(page, clone, "04_")
+        made = export(page, clone, "04_")
+        assert made["04_operating_points.csv"]["constants"]["TOLERANCE"] == c["TOLERANCE"]
+        assert "accuracy" in made["04_operating_points.csv"]["matched_at"]
+        assert made["04_split.pdf"]["constants"]["SPLIT_POLICY"] == c["SPLIT_POLICY"]
+        assert made["04_summary.csv"]["constants"]["BUDGET"] == c["BUDGET"]
+        assert made["04_ensemble.csv"]["constants"]["ENSEMBLE_SEEDS"] == c["ENSEMBLE_SEEDS"]
         save(page)
 
     except Exception:
