@@ -4,7 +4,10 @@ Plain network (last exit only, no intermediate heads) against early exit under a
 rounds (median), same threads, memory layout and precision: latency per image at batch 1, and throughput at
 batch 64 and 256, each both with per-batch shrinking (batchB: later stages run on the survivors of one batch)
 and streamed (streamB: a queue in front of each stage, every stage at full batch). Prints one line per mode,
-`KEY: measured time saving X, MAC saving Y, ratio R`, and the streamed runs' peak of queued activations.
+`KEY: measured time saving X, MAC saving Y, ratio R`, and for the streamed runs their peak of queued activations
+and what an ideal streamer would save (inference.ideal_streaming_saving: each stage at its full-batch time per
+image as profiled in the same run, no queueing cost; where early stages cost more time per MAC than late ones,
+its ratio lies below 1. An estimate: the profile and the timed rounds see the machine at different moments).
 With --precision bf16 it also compares bf16 with fp32 in the same run: exits agreeing on every test image,
 accuracy, and the speed-up at batch 1 and 256.
 
@@ -116,7 +119,9 @@ def main() -> None:
             print(f"{key}: measured time saving {v['time_saving']:+.3f}, MAC saving {v['mac_saving']:+.3f}, "
                   f"ratio {'n/a' if ratio is None else f'{ratio:.3f}'}"
                   + (f", peak queued activations {v['peak_queued_bytes'] / 2**20:.1f} MiB"
-                     if "peak_queued_bytes" in v else ""))
+                     if "peak_queued_bytes" in v else "")
+                  + (f"; ideal streaming, from stage times profiled in this run: {v['time_saving_ideal']:+.3f} "
+                     f"(ratio {v['ratio_ideal']:.3f})" if v.get("ratio_ideal") is not None else ""))
     if a.precision != "fp32":
         c = compare_precision(a.checkpoint, a.policy, params, a.precision, a.images, a.batch_images, a.rounds)
         print(json.dumps(c, indent=2))

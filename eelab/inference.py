@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -413,10 +413,31 @@ def benchmark_inference(checkpoint: str | Path, policy: str | Path | Policy | No
                                      "early_images_per_s": thr_e, "time_saving": 1 - thr_p / thr_e,
                                      "mac_saving": mac_saving_b,
                                      "time_over_mac_saving": _ratio(1 - thr_p / thr_e, mac_saving_b)}
-    if stream:
-        out[f"stream{batch}"].update(peak_queued_bytes=peak["queued_bytes"], peak_stage_rows=peak["stage_rows"])
     out["exit_fractions"] = torch.bincount(exits_b, minlength=model.num_exits).div(exits_b.numel()).tolist()
+    if stream:
+        # what ideal streaming would save: every stage at full batch with no queueing cost, each at its
+        # profiled full-batch time (stage times per MAC differ, so its ratio lies below 1); an estimate
+        ideal = ideal_streaming_saving(profile_checkpoint(checkpoint, batch=batch, rounds=rounds,
+                                                          precision=precision), out["exit_fractions"])
+        out[f"stream{batch}"].update(peak_queued_bytes=peak["queued_bytes"], peak_stage_rows=peak["stage_rows"],
+                                     time_saving_ideal=ideal, ratio_ideal=_ratio(ideal, mac_saving_b))
     return out
+
+
+def ideal_streaming_saving(profile: Mapping[str, Any], exit_fractions: Sequence[float]) -> float:
+    """The time saving an ideal streamed early exit would reach (an estimate from a profile): each image runs
+    stages 0..k and heads 0..k (k its exit) at the profile's full-batch time per image, nothing else; against
+    the plain network (every stage, the last head). profile: profile_checkpoint's at the streamed batch size;
+    exit_fractions: the share of images leaving at each exit. 1 - sum_k reach_k (stage_k + head_k) / plain,
+    reach_k = share still running."""
+    stages = profile["stages"]
+    if len(exit_fractions) != len(stages):
+        raise EelabError(f"{len(exit_fractions)} exit fractions for a profile of {len(stages)} stages")
+    reach, spent = 1.0, 0.0
+    for row, share in zip(stages, exit_fractions):
+        spent += reach * (row["stage_ms"] + row["head_ms"])
+        reach -= share
+    return 1.0 - spent / profile["plain_ms"]
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -91,6 +91,10 @@ def test_bench_and_profile_report_every_figure(tiny_checkpoint):
     assert b["batch1"]["plain_ms_per_image"] > 0 and b["batch1"]["early_ms_per_image"] > 0
     assert -1 < b["batch1"]["mac_saving"] < 1 and abs(sum(b["exit_fractions"]) - 1) < 1e-9
     assert b["batch4"]["plain_images_per_s"] > 0
+    s = benchmark_inference(tiny_checkpoint, "threshold", {"threshold": 0.5}, n_latency=0, n_throughput=9,
+                            batch=4, rounds=2, stream=True)["stream4"]
+    assert s["time_saving_ideal"] < 1 and s["peak_stage_rows"] <= 4
+    assert s["ratio_ideal"] == pytest.approx(s["time_saving_ideal"] / s["mac_saving"])
     p = profile_checkpoint(tiny_checkpoint, rounds=2)
     assert [s["activation_shape"] for s in p["stages"]] == [[4, 4, 4], [8, 2, 2]]
     assert p["stages"][0]["activation_bytes"] == 4 * 4 * 4 * 4

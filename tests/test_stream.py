@@ -96,3 +96,17 @@ def test_stream_takes_any_iterable_and_refuses_what_is_no_image(live, live_predi
         list(pred.stream([images.float()], batch=4))
     with pytest.raises(EelabError, match="batch >= 1"):
         list(pred.stream(images, batch=0))
+
+
+def test_ideal_streaming_saving_by_hand():
+    """Perfect streaming saves what the stages the images skip cost at full batch: stages of 4 / 2 / 1 / 1 ms
+    (heads 0.5 ms each, plain 8.5 ms), half the images leaving at exit 0 and the rest at exit 3, cost
+    (4 + 0.5) + 0.5 (2 + 0.5 + 1 + 0.5 + 1 + 0.5) = 7.25 ms."""
+    from eelab.inference import ideal_streaming_saving
+
+    profile = {"plain_ms": 8.5, "stages": [{"stage_ms": t, "head_ms": 0.5} for t in (4.0, 2.0, 1.0, 1.0)]}
+    assert ideal_streaming_saving(profile, [0.5, 0.0, 0.0, 0.5]) == pytest.approx(1 - 7.25 / 8.5)
+    assert ideal_streaming_saving(profile, [0.0, 0.0, 0.0, 1.0]) == pytest.approx(1 - 10.0 / 8.5)  # every head is paid for
+    assert ideal_streaming_saving(profile, [1.0, 0.0, 0.0, 0.0]) == pytest.approx(1 - 4.5 / 8.5)
+    with pytest.raises(EelabError, match="3 exit fractions for a profile of 4 stages"):
+        ideal_streaming_saving(profile, [0.5, 0.5, 0.0])
