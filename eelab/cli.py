@@ -629,13 +629,15 @@ def _run_datasets(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- figures
 
 def _add_figures(sub) -> None:
+    from .figures import FIGURE_SIZES  # light: errors and files only
+
     p = _subcommand(sub, _run_figures, _JSON)
     p.add_argument("notebook", help="01, 02, 03, 04, a notebook's name (04_compare_policies) or a path to a .ipynb")
     p.add_argument("--out", required=True, help="folder for the figures, tables and NN_manifest.json")
     p.add_argument("--checkpoint", help="checkpoint directory the notebook reads (default: the notebook's own)")
     p.add_argument("--smoke", action="store_true", help="the notebook's quick run (subsets, thin grids), as the "
                                                         "tests run it")
-    p.add_argument("--size", choices=("default", "column", "page"), default="default",
+    p.add_argument("--size", choices=FIGURE_SIZES, default="default",
                    help="every figure one column (3.3 in) or two columns (6.9 in) wide; default: as the notebook "
                         "draws each")
 
@@ -649,9 +651,7 @@ def _run_figures(a: argparse.Namespace) -> int:
     """
     from .figures import make_figures
 
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise EelabError(f"--out {out} is a file; give a folder for the figures")
+    out = Path(a.out)  # checked (a file, unwritable) by make_figures before the notebook runs
     written = make_figures(a.notebook, out, smoke=a.smoke, checkpoint=a.checkpoint, size=a.size)
     if a.json:
         _print_json({"out": str(out), "files": [str(p) for p in written]})

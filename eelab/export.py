@@ -110,9 +110,7 @@ def export_model(model: MultiExitNet, config: dict[str, Any], out: str | Path, p
 def _check_out(out: Path, sha: str | None, overwrite: bool) -> None:
     """Refuse a file, a folder that cannot be made or written (under a file, read-only), or a non-empty directory
     that is not a previous export of this checkpoint (unless overwrite); the folder is made."""
-    if out.exists() and not out.is_dir():
-        raise EelabError(f"--out {out} is a file; give a directory for the export")
-    check_output_folder(out)
+    check_output_folder(out)  # a file, a folder under a file, or an unwritable place: one line
     if overwrite or not any(out.iterdir()):
         return
     try:
