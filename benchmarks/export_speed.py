@@ -2,7 +2,9 @@
 
 Exports a checkpoint's stages and heads (eelab.export), then times, in alternating rounds (median), on the first
 --images test images: the plain network (every stage, last head only) and early exit (eelab.export.OnnxEarlyExit
-through run_policy), on onnxruntime and on PyTorch, at batch 1 and at --batch with per-batch shrinking. Prints
+through run_policy), on onnxruntime and on PyTorch, at batch 1, at --batch with per-batch shrinking, and
+streamed at --batch (a queue before each stage, every stage on full batches; against the plain network at
+--batch). Prints
 `KEY: measured time saving X, MAC saving Y, ratio R` per runtime and batch, and the exits' agreement (and the
 largest logit difference) between the ONNX runner and eelab's PyTorch predictor.
 
@@ -84,6 +86,10 @@ def main() -> None:
             ("torch", "batch1", "early"): lambda: [torch_pred.predict(x) for x in ones],
             ("torch", f"batch{a.batch}", "plain"): lambda: [plain(x) for x in batches],
             ("torch", f"batch{a.batch}", "early"): lambda: [torch_pred.predict(x) for x in batches],
+            # streamed: a queue before each stage, every stage run on full batches of --batch (against the plain
+            # network at the same batch)
+            ("onnx", f"stream{a.batch}", "early"): lambda: sum(1 for _ in onnx.stream(batches, batch=a.batch)),
+            ("torch", f"stream{a.batch}", "early"): lambda: sum(1 for _ in torch_pred.stream(batches, batch=a.batch)),
         }
         seconds = {key: [] for key in runs}
         with torch.no_grad():
@@ -97,8 +103,9 @@ def main() -> None:
                     seconds[key].append(time.perf_counter() - start)
         med = {key: statistics.median(v) for key, v in seconds.items()}
         for runtime in ("onnx", "torch"):
-            for batch in ("batch1", f"batch{a.batch}"):
-                base, early = med[(runtime, batch, "plain")], med[(runtime, batch, "early")]
+            for batch in ("batch1", f"batch{a.batch}", f"stream{a.batch}"):
+                plain_mode = batch.replace("stream", "batch")
+                base, early = med[(runtime, plain_mode, "plain")], med[(runtime, batch, "early")]
                 saving = 1 - early / base
                 print(f"{runtime}_{batch}: measured time saving {saving:+.3f}, MAC saving {mac_saving:+.3f}, ratio "
                       f"{saving / mac_saving:.3f} (plain {1e3 * base / images.shape[0]:.3f} ms/image, early exit "

@@ -3,8 +3,9 @@
 `export_onnx` writes DIR/stage_k.onnx, head_k.onnx (and confidence_k.onnx where the model has them), each
 with a dynamic batch size, plus export.json (normalisation, input shape, class names, costs, the checkpoint's
 sha256, every graph's sha256, and a saved policy, copied beside as policy.pt). `OnnxEarlyExit` computes the
-stages with onnxruntime and feeds eelab's own `run_policy`, so there is still one step loop: torch decides,
-onnxruntime runs the network.
+stages with onnxruntime and feeds eelab's own `run_policy` (per-batch shrinking) or the streamed queues
+(`stream`), the same code as the PyTorch predictor's (inference.LiveExits), so there is still one step loop:
+torch decides and holds the queued arrays, onnxruntime runs the network.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from .checkpoint import load_checkpoint, read_checkpoint_config
 from .ensemble import ExitEnsemble, ensemble_for
 from .errors import EelabError
 from .files import check_output_folder, load_json, save_json, sha256_file, write_atomic
-from .inference import resolve_policy
+from .inference import LiveExits, resolve_policy
 from .metrics import charged_costs
 from .models import MultiExitNet
-from .policies import Policy, load_policy, run_policy
+from .policies import Policy, load_policy
 from .records import check_same_source
 
 FORMAT = "eelab.onnx_export"
@@ -175,11 +176,12 @@ def read_export(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-class OnnxEarlyExit:
+class OnnxEarlyExit(LiveExits):
     """An ONNX export plus a policy: onnxruntime computes stage k only for the samples still running.
 
-    predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C] fp32, MACs [B] (as
-    EarlyExitPredictor.predict). policy: a Policy, a saved policy file, a registry name (one that needs no
+    predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C] fp32, MACs [B], and
+    stream(images, batch) -> each image's Exited in input order with every stage run on full batches: the same
+    code as EarlyExitPredictor's (inference.LiveExits), with onnxruntime computing each part. policy: a Policy, a saved policy file, a registry name (one that needs no
     fitting), or None for the policy saved in the export (else the default threshold policy).
     """
 
@@ -196,6 +198,7 @@ class OnnxEarlyExit:
             policy = load_policy(self.path / POLICY_FILE)
         self.policy = resolve_policy(policy, None, params)
         self.policy.check_exits(self.num_exits)
+        self._checked = self.policy
         # an exit ensemble (eelab.ensemble) combines the heads' outputs as live inference does, in torch; the
         # policy and the ensemble are checked against the exported checkpoint there
         self.ensemble = ensemble_for(ensemble, self.policy.source, self.num_exits, len(self.class_names),
@@ -221,34 +224,26 @@ class OnnxEarlyExit:
     def _run(self, part: str, k: int, h: np.ndarray) -> np.ndarray:
         return self._sessions[(part, k)].run(None, {"input": h})[0]
 
+    def _part(self, part: str, k: int, h: torch.Tensor) -> torch.Tensor:
+        # onnxruntime computes; torch only holds the arrays for the queues and the decision (no copy either way)
+        return torch.from_numpy(self._run(part, k, np.ascontiguousarray(h.numpy())))
+
+    def _stage(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self._part("stage", k, h)
+
+    def _head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self._part("head", k, h)
+
+    def _confidence(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self._part("confidence", k, h)
+
     def prepare(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 [B, ch, H, W] -> normalised float32 [B, ch, H, W] (as eelab.data.prepare, in numpy)."""
         x = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images).astype(np.float32) / 255
         return (x - self._mean) / self._std
 
-    def predict(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """Early exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B]."""
-        live: dict[str, Any] = {"rows": None, "h": self.prepare(images), "past": None}
-
-        def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            # rows only shrink and stay the same object while nobody stops: gather survivors only then
-            if live["rows"] is not None and rows.numel() != live["rows"].numel():
-                keep = np.isin(live["rows"].numpy(), rows.numpy())
-                live["h"] = np.ascontiguousarray(live["h"][keep])
-                if live["past"] is not None:
-                    live["past"] = live["past"][torch.from_numpy(keep)]
-            live["rows"] = rows
-            live["h"] = self._run("stage", k, live["h"])
-            logits = torch.from_numpy(self._run("head", k, live["h"]))
-            if self.ensemble is not None:
-                logits, live["past"] = self.ensemble.combine(k, logits, live["past"])
-            if self._wants_confidence:
-                return logits, {"confidences": torch.from_numpy(self._run("confidence", k, live["h"]))}
-            return logits
-
-        exits, logits = run_policy(self.policy, self.num_exits, fetch, live["h"].shape[0], keep_logits=True,
-                                   checked=True)
-        return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.prepare(images))
 
     def forward_plain(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """The plain network on onnxruntime: every stage, only the last head -> logits [B, C] fp32."""

@@ -91,7 +91,144 @@ def resolve_policy(policy: str | Path | Policy | None, checkpoint: str | Path | 
     return pol
 
 
-class EarlyExitPredictor:
+class LiveExits:
+    """Early exit run live, whatever computes the network: per-batch shrinking (predict) and streaming (stream).
+
+    A runner gives num_exits, policy, ensemble, costs [K] (charged MACs per exit) and four hooks: _prepare
+    (uint8 images -> the first stage's input), _stage(k, h), _head(k, h) -> logits fp32 on the CPU and
+    _confidence(k, h) -> confidences fp32 on the CPU. EarlyExitPredictor computes them with PyTorch,
+    eelab.export.OnnxEarlyExit with onnxruntime; both decide through the same run_policy / decide_step, and
+    activations wait in the stream's queues as torch tensors either way.
+    """
+
+    num_exits: int
+    policy: Policy
+    ensemble: ExitEnsemble | None
+    costs: torch.Tensor
+    _checked: Policy | None = None
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _stage(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _confidence(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_policy(self) -> None:
+        """check_exits once per policy, not per image (batch-1 latency)."""
+        if self.policy is not self._checked:
+            self.policy.check_exits(self.num_exits)
+            self._checked = self.policy
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Early-exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B].
+
+        run_policy drives the live stages: stage k runs only on the rows it asks for, which shrink as samples
+        stop (at batch 1 nothing is gathered: the image runs on until it stops).
+        """
+        x = self._prepare(images)
+        live: dict[str, Any] = {"rows": None, "h": x, "past": None}
+        wants_confidence = "confidences" in self.policy.INPUTS
+
+        def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # rows only ever shrink, and stay the same object while nobody stops: gather survivors only then
+            if live["rows"] is not None and rows.numel() != live["rows"].numel():
+                keep = torch.isin(live["rows"], rows)
+                live["h"] = live["h"][keep.to(live["h"].device)]
+                if live["past"] is not None:
+                    live["past"] = live["past"][keep]
+            live["rows"] = rows
+            live["h"] = self._stage(k, live["h"])
+            logits = self._head(k, live["h"])
+            if self.ensemble is not None:  # exit k's answer combines exits 0..k (each row keeps its own past)
+                logits, live["past"] = self.ensemble.combine(k, logits, live["past"])
+            if wants_confidence:  # a learned confidence branch, computed here like a head
+                return logits, {"confidences": self._confidence(k, live["h"])}
+            return logits
+
+        self._check_policy()
+        exits, logits = run_policy(self.policy, self.num_exits, fetch, x.shape[0], keep_logits=True,
+                                   checked=True)
+        return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
+
+    @torch.no_grad()
+    def stream(self, images: Iterable[torch.Tensor], batch: int = 256, wait: int = 4,
+               trace: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Exited]:
+        """Streamed early exit over uint8 images [ch, H, W] or batches [B, ch, H, W] -> Exited per image, in order.
+
+        A queue of pending activations waits in front of each stage; stage k runs when its queue holds
+        `batch` rows, so every stage runs at full batch however the policy splits the images. Bounds: no stage
+        runs on more than `batch` rows, fewer than 2 * batch rows wait in front of any stage (the deepest
+        ready stage runs first), and an image waits at most `wait` further input batches (of `batch` images)
+        before its queues are flushed partly full (wait=0: flushed every input batch); the stream's end
+        flushes all. Each stage-k run decides through decide_step (run_policy's loop body) with the state rows
+        of the images it holds. The generator reads images lazily. trace, if given, is called before every
+        stage run with {"stage": k, "rows": rows run, "queued": rows waiting per stage [K], "queued_bytes"}.
+        """
+        if batch < 1 or wait < 0:
+            raise EelabError(f"stream needs batch >= 1 and wait >= 0, got batch={batch}, wait={wait}")
+        self._check_policy()
+        queues = [_Queue() for _ in range(self.num_exits)]
+        done: dict[int, tuple[int, torch.Tensor]] = {}
+        start = emitted = 0
+        for t, x in enumerate(_batches(images, batch)):
+            ids = torch.arange(start, start + x.shape[0])
+            start += x.shape[0]
+            queues[0].put(ids, torch.full_like(ids, t), self._prepare(x), None, None)
+            self._drain(queues, batch, t - wait, done, trace)
+            while emitted in done:
+                yield self._exited(emitted, done.pop(emitted))
+                emitted += 1
+        self._drain(queues, batch, None, done, trace)
+        while emitted in done:
+            yield self._exited(emitted, done.pop(emitted))
+            emitted += 1
+
+    def _exited(self, index: int, answer: tuple[int, torch.Tensor]) -> Exited:
+        """The Exited of stream position `index` from its (exit, logits [C])."""
+        return Exited(index, answer[0], answer[1], float(self.costs[answer[0]]))
+
+    def _drain(self, queues: list["_Queue"], batch: int, due: int | None, done: dict[int, tuple[int, torch.Tensor]],
+               trace: Callable[[dict[str, Any]], None] | None) -> None:
+        """Run stages until no queue holds a full batch or an image that arrived at input batch <= due (None:
+        every image: the end of the stream). The deepest ready stage runs first, so a stage's output never
+        lands on a queue already holding a full batch."""
+        while True:
+            ready = [k for k, q in enumerate(queues)
+                     if len(q) >= batch or (len(q) and (due is None or q.oldest() <= due))]
+            if not ready:
+                return
+            k = ready[-1]
+            rows = min(batch, len(queues[k]))
+            if trace is not None:
+                trace({"stage": k, "rows": rows, "queued": [len(q) for q in queues],
+                       "queued_bytes": sum(q.nbytes() for q in queues)})
+            ids, born, h, state, past = queues[k].take(rows)
+            h = self._stage(k, h)
+            logits = self._head(k, h)
+            if self.ensemble is not None:  # the ensemble's past log-probs travel with their images, like state
+                logits, past = self.ensemble.combine(k, logits, past)
+            if k == len(queues) - 1:  # at the last exit every sample stops
+                stop = torch.ones(rows, dtype=torch.bool)
+            else:
+                inputs = ({"confidences": self._confidence(k, h)}
+                          if "confidences" in self.policy.INPUTS else None)
+                stop, state = decide_step(self.policy, k, logits, state, inputs)
+            for i, row in zip(ids[stop].tolist(), logits[stop]):
+                done[i] = (k, row)
+            if not bool(stop.all()):
+                go = ~stop
+                queues[k + 1].put(ids[go], born[go], h[go.to(h.device)], state_rows(state, go),
+                                  None if past is None else past[go])
+
+
+class EarlyExitPredictor(LiveExits):
     """A checkpoint plus a policy, computing each stage only for the samples still running.
 
     predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C], MACs [B].
@@ -143,113 +280,19 @@ class EarlyExitPredictor:
         """uint8 [B, ch, H, W] -> the model's input on its device, normalised, in its precision."""
         return cast_input(prepare(images.to(self.device), self.config["mean"], self.config["std"]), self.precision)
 
-    def _check_policy(self) -> None:
-        """check_exits once per policy, not per image (batch-1 latency)."""
-        if self.policy is not self._checked:
-            self.policy.check_exits(self.model.num_exits)
-            self._checked = self.policy
+    @property
+    def num_exits(self) -> int:
+        """K."""
+        return self.model.num_exits
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Early-exit over a uint8 batch [B, ch, H, W] -> exits int64 [B], logits [B, C] fp32, macs [B].
+    def _stage(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_stage(k, h)
 
-        run_policy drives the live stages: stage k runs only on the rows it asks for, which shrink as samples
-        stop (at batch 1 nothing is gathered: the image runs on until it stops).
-        """
-        x = self._prepare(images)
-        live: dict[str, Any] = {"rows": None, "h": x, "past": None}
-        wants_confidence = "confidences" in self.policy.INPUTS
+    def _head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(k, h).float().cpu()
 
-        def fetch(k: int, rows: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            # rows only ever shrink, and stay the same object while nobody stops: gather survivors only then
-            if live["rows"] is not None and rows.numel() != live["rows"].numel():
-                keep = torch.isin(live["rows"], rows)
-                live["h"] = live["h"][keep.to(live["h"].device)]
-                if live["past"] is not None:
-                    live["past"] = live["past"][keep]
-            live["rows"] = rows
-            live["h"] = self.model.forward_stage(k, live["h"])
-            logits = self.model.forward_head(k, live["h"]).float().cpu()
-            if self.ensemble is not None:  # exit k's answer combines exits 0..k (each row keeps its own past)
-                logits, live["past"] = self.ensemble.combine(k, logits, live["past"])
-            if wants_confidence:  # a learned confidence branch, computed here like a head
-                return logits, {"confidences": self.model.forward_confidence(k, live["h"]).float().cpu()}
-            return logits
-
-        self._check_policy()
-        exits, logits = run_policy(self.policy, self.model.num_exits, fetch, x.shape[0], keep_logits=True,
-                                   checked=True)
-        return {"exits": exits, "logits": logits, "macs": self.costs[exits]}
-
-    @torch.no_grad()
-    def stream(self, images: Iterable[torch.Tensor], batch: int = 256, wait: int = 4,
-               trace: Callable[[dict[str, Any]], None] | None = None) -> Iterator[Exited]:
-        """Streamed early exit over uint8 images [ch, H, W] or batches [B, ch, H, W] -> Exited per image, in order.
-
-        A queue of pending activations waits in front of each stage; stage k runs when its queue holds
-        `batch` rows, so every stage runs at full batch however the policy splits the images. Bounds: no stage
-        runs on more than `batch` rows, fewer than 2 * batch rows wait in front of any stage (the deepest
-        ready stage runs first), and an image waits at most `wait` further input batches (of `batch` images)
-        before its queues are flushed partly full (wait=0: flushed every input batch); the stream's end
-        flushes all. Each stage-k run decides through decide_step (run_policy's loop body) with the state rows
-        of the images it holds. The generator reads images lazily. trace, if given, is called before every
-        stage run with {"stage": k, "rows": rows run, "queued": rows waiting per stage [K], "queued_bytes"}.
-        """
-        if batch < 1 or wait < 0:
-            raise EelabError(f"stream needs batch >= 1 and wait >= 0, got batch={batch}, wait={wait}")
-        self._check_policy()
-        queues = [_Queue() for _ in range(self.model.num_exits)]
-        done: dict[int, tuple[int, torch.Tensor]] = {}
-        start = emitted = 0
-        for t, x in enumerate(_batches(images, batch)):
-            ids = torch.arange(start, start + x.shape[0])
-            start += x.shape[0]
-            queues[0].put(ids, torch.full_like(ids, t), self._prepare(x), None, None)
-            self._drain(queues, batch, t - wait, done, trace)
-            while emitted in done:
-                yield self._exited(emitted, done.pop(emitted))
-                emitted += 1
-        self._drain(queues, batch, None, done, trace)
-        while emitted in done:
-            yield self._exited(emitted, done.pop(emitted))
-            emitted += 1
-
-    def _exited(self, index: int, answer: tuple[int, torch.Tensor]) -> Exited:
-        """The Exited of stream position `index` from its (exit, logits [C])."""
-        return Exited(index, answer[0], answer[1], float(self.costs[answer[0]]))
-
-    def _drain(self, queues: list["_Queue"], batch: int, due: int | None, done: dict[int, tuple[int, torch.Tensor]],
-               trace: Callable[[dict[str, Any]], None] | None) -> None:
-        """Run stages until no queue holds a full batch or an image that arrived at input batch <= due (None:
-        every image: the end of the stream). The deepest ready stage runs first, so a stage's output never
-        lands on a queue already holding a full batch."""
-        while True:
-            ready = [k for k, q in enumerate(queues)
-                     if len(q) >= batch or (len(q) and (due is None or q.oldest() <= due))]
-            if not ready:
-                return
-            k = ready[-1]
-            rows = min(batch, len(queues[k]))
-            if trace is not None:
-                trace({"stage": k, "rows": rows, "queued": [len(q) for q in queues],
-                       "queued_bytes": sum(q.nbytes() for q in queues)})
-            ids, born, h, state, past = queues[k].take(rows)
-            h = self.model.forward_stage(k, h)
-            logits = self.model.forward_head(k, h).float().cpu()
-            if self.ensemble is not None:  # the ensemble's past log-probs travel with their images, like state
-                logits, past = self.ensemble.combine(k, logits, past)
-            if k == len(queues) - 1:  # at the last exit every sample stops
-                stop = torch.ones(rows, dtype=torch.bool)
-            else:
-                inputs = ({"confidences": self.model.forward_confidence(k, h).float().cpu()}
-                          if "confidences" in self.policy.INPUTS else None)
-                stop, state = decide_step(self.policy, k, logits, state, inputs)
-            for i, row in zip(ids[stop].tolist(), logits[stop]):
-                done[i] = (k, row)
-            if not bool(stop.all()):
-                go = ~stop
-                queues[k + 1].put(ids[go], born[go], h[go.to(h.device)], state_rows(state, go),
-                                  None if past is None else past[go])
+    def _confidence(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_confidence(k, h).float().cpu()
 
     def stream_files(self, paths: Iterable[str | Path], batch: int = 256) -> Iterator[Prediction]:
         """Streamed early exit over image files, decoded lazily as the queues need them -> Prediction per file."""

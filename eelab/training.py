@@ -80,6 +80,10 @@ class TrainConfig:
                                         "off train at a smaller one", metavar="FACTOR")
     ema: float = _option(0.0, "decay of an exponential moving average of the weights, updated every step, which "
                               "is evaluated and saved as the checkpoint (0: off; e.g. 0.99)", metavar="DECAY")
+    lookahead: int = _option(0, "look-ahead weight averaging (airbench): every N steps the weights are pulled back to "
+                                "a slow copy that follows them with decay 0.95^5 (step/total)^3 (none at first, "
+                                "more toward the end), and the run ends on the slow weights (0: off; airbench: 5)",
+                             metavar="STEPS")
     whiten: bool = _option(False, "initialise the first conv of stage 0 to whiten training patches (its weights "
                                   "frozen; it needs 2 x or 1 x ch x k x k filters, as ee_airnet has)")
     label_smoothing: float = _option(0.1, "label smoothing of every exit's cross-entropy")
@@ -142,6 +146,7 @@ class TrainConfig:
             ("bn_lr_scale", self.bn_lr_scale > 0, "above 0"),
             ("head_lr_scale", self.head_lr_scale > 0, "above 0"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
+            ("lookahead", self.lookahead >= 0, "at least 0 (0: off)"),
             ("translate", self.translate >= 0, "at least 0"),
         )
         for name, ok, need in ranges:
@@ -159,6 +164,8 @@ class TrainConfig:
                              "first, then --heads-only --init THAT_CHECKPOINT)")
         if self.plain and (self.loss_weights is not None or self.distill > 0):
             raise EelabError("--plain trains the last exit alone; drop --loss-weights and --distill")
+        if self.ema > 0 and self.lookahead > 0:
+            raise EelabError("--ema and --lookahead are two weight averages; choose one")
         if self.heads_only and not self.init:
             raise EelabError("--heads-only trains heads on a trained backbone: pass --init CHECKPOINT")
 
@@ -393,6 +400,7 @@ class _Parts:
     batch: int                       # images per step (the global batch)
     steps: int                       # steps per epoch
     ema: MultiExitNet | None = None  # --ema: the averaged weights, evaluated and saved as the checkpoint
+    slow: MultiExitNet | None = None  # --lookahead: the slow weights the model is pulled back to
 
     @property
     def kept(self) -> MultiExitNet:
@@ -478,7 +486,8 @@ def _phases(cfg: TrainConfig, resume: bool, run: _Run, dtype: torch.dtype | None
     opt, sched = _optimizer(cfg, model, cfg.epochs * steps)
     parts = _Parts(model, opt, sched, weights, frozen, torch.Generator().manual_seed(cfg.seed + 2), dtype,
                    torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, batch, steps,
-                   copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None)
+                   copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None,
+                   copy.deepcopy(model).requires_grad_(False) if cfg.lookahead > 0 else None)
     start, history = _restore(run.out, parts) if resume else (0, [])
     ckpt_cfg = checkpoint_config(cfg.to_dict(), cfg.dataset, data.class_names, data.image_shape, data.mean,
                                  data.std, data.cal_idx, costs, full_cost)
@@ -672,6 +681,8 @@ def _restore(out: Path, parts: _Parts) -> tuple[int, list[dict]]:
         parts.model.load_state_dict(st["model"])
         if parts.ema is not None:
             parts.ema.load_state_dict(st["ema"])
+        if parts.slow is not None:
+            parts.slow.load_state_dict(st["slow"])
         parts.opt.load_state_dict(st["optimizer"])
         parts.sched.load_state_dict(st["scheduler"])
         parts.gen.set_state(st["generator"])
@@ -736,6 +747,12 @@ def _train_epoch(cfg: TrainConfig, data: _Data, parts: _Parts, net: nn.Module, r
         parts.sched.step()
         if parts.ema is not None:
             update_ema(parts.ema, parts.model, cfg.ema)
+        if parts.slow is not None:
+            done, total = epoch * parts.steps + step + 1, cfg.epochs * parts.steps
+            if done == total:  # the run ends on the slow weights
+                update_lookahead(parts.slow, parts.model, 1.0)
+            elif done % cfg.lookahead == 0:
+                update_lookahead(parts.slow, parts.model, lookahead_decay(done, total))
         loss_sum += loss
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -749,15 +766,35 @@ def alternate_flips(n: int, epoch: int, seed: int) -> torch.Tensor:
     return first ^ bool(epoch % 2)
 
 
-@torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay ema + (1 - decay) model, for every float parameter and buffer; other buffers (batch counts)
     copied."""
-    for (name, e), v in zip(ema.state_dict().items(), model.state_dict().values()):
-        if e.is_floating_point():
-            e.lerp_(v.detach(), 1 - decay)
+    _blend(ema, model, decay, pull_back=False)
+
+
+def lookahead_decay(step: int, total: int) -> float:
+    """How much of the slow weights --lookahead keeps at a step: 0.95^5 (step/total)^3, from 0 (the slow copy
+    jumps to the model) to 0.77 at the end (airbench94's schedule)."""
+    return 0.95 ** 5 * (step / total) ** 3
+
+
+def update_lookahead(slow: nn.Module, model: nn.Module, decay: float) -> None:
+    """slow <- decay slow + (1 - decay) model, then model <- slow, for every float parameter and buffer (other
+    buffers copied to slow); decay 1 puts the model on the slow weights."""
+    _blend(slow, model, decay, pull_back=True)
+
+
+@torch.no_grad()
+def _blend(avg: nn.Module, model: nn.Module, decay: float, pull_back: bool) -> None:
+    """avg <- decay avg + (1 - decay) model (float entries of the state dicts; others copied), and with
+    pull_back model <- avg."""
+    for a, v in zip(avg.state_dict().values(), model.state_dict().values()):
+        if a.is_floating_point():
+            a.lerp_(v.detach(), 1 - decay)
+            if pull_back:
+                v.copy_(a)
         else:
-            e.copy_(v)
+            a.copy_(v)
 
 
 def _train_mode(model: MultiExitNet, heads_only: bool, frozen_heads: Sequence[int] = ()) -> None:
@@ -802,8 +839,9 @@ def _save_epoch(run: _Run, parts: _Parts, ckpt_cfg: dict[str, Any], history: lis
              "model": {k: v.detach().cpu().clone() for k, v in parts.model.state_dict().items()},
              "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict(),
              "generator": parts.gen.get_state(), "torch_rng": torch.get_rng_state()}
-    if parts.ema is not None:
-        state["ema"] = {k: v.detach().cpu().clone() for k, v in parts.ema.state_dict().items()}
+    for name, net in (("ema", parts.ema), ("slow", parts.slow)):
+        if net is not None:
+            state[name] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     if run.replaces and epochs_done == 1:  # the old run goes only now: a run that failed before left it whole
         remove_run(run.out)
     save_checkpoint(run.out, parts.kept, ckpt_cfg, history, state, run.half_weights)

@@ -107,7 +107,8 @@ OLD_FLAGS = {
              "--label-smoothing --loss-weights --distill --distill-temperature --heads-only --plain --init --objective "
              "--cost-weight --train-samples --cal-size --no-augment --precision --seed --head --head-hidden --dropout "
              "--widths --exits-after --exits-schedule --num-exits --image-size --threads --half-weights --resume "
-             "--quiet --json --overwrite --momentum --bn-lr-scale --ema --whiten --translate --flip --head-lr-scale",
+             "--quiet --json --overwrite --momentum --bn-lr-scale --ema --whiten --translate --flip --head-lr-scale "
+             "--lookahead",
     "record": "--split --out --limit --batch-size --precision --threads --quiet --json --overwrite",
     "evaluate": "--policy --param --cal --save-policy --json --overwrite --ensemble",
     "sweep": "--policy --cal --json --ensemble",

@@ -61,6 +61,12 @@ def test_onnx_runner_matches_record_and_predictor(tiny_export, name, params):
     assert torch.allclose(got["macs"], want["macs"])
     one = torch.cat([runner.predict(images[i:i + 1])["exits"] for i in range(12)])  # the batch-1 path
     assert torch.equal(one, decided[:12])
+    rows = []  # streamed: every stage on full batches of 16 gathered across input pieces of 7, in input order
+    streamed = list(runner.stream(images.split(7), batch=16, wait=1, trace=lambda e: rows.append(e["rows"])))
+    assert [o.index for o in streamed] == list(range(96)) and max(rows) <= 16 and rows.count(16) > 0
+    assert [o.exit for o in streamed] == decided.tolist()
+    assert torch.allclose(torch.stack([o.logits for o in streamed]), got["logits"], atol=1e-4)
+    assert [o.macs for o in streamed] == want["macs"].tolist()
 
 
 def test_onnx_runner_with_an_exit_ensemble_matches_the_ensembled_record(tiny_export):
@@ -73,10 +79,14 @@ def test_onnx_runner_with_an_exit_ensemble_matches_the_ensembled_record(tiny_exp
                        torch.empty(0, dtype=torch.long), {"split": None})
     record = ens.apply(tiny_record_of(net, prepare(images, MEAN, STD), meta={"split": "test"}))
     policy = make_policy("threshold", threshold=0.6)
-    got = OnnxEarlyExit(out, policy, ensemble=ens).predict(images)
+    runner = OnnxEarlyExit(out, policy, ensemble=ens)
+    got = runner.predict(images)
     decided = policy.decide(record)
     assert len(set(decided.tolist())) > 1
     assert torch.equal(got["exits"], decided)
+    streamed = list(runner.stream(images.split(5), batch=8))  # the ensemble's past travels through the queues
+    assert [o.exit for o in streamed] == decided.tolist()
+    assert torch.allclose(torch.stack([o.logits for o in streamed]), got["logits"], atol=1e-4)
     assert torch.equal(got["exits"], EarlyExitPredictor(net, cfg, policy, ensemble=ens).predict(images)["exits"])
     assert torch.allclose(got["logits"], record.logits[torch.arange(96), decided], atol=1e-4)
     assert torch.allclose(got["macs"], record.costs[decided])

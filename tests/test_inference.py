@@ -159,7 +159,8 @@ def test_bf16_casts_a_copy_once_and_answers_in_fp32():
     policy = make_policy("threshold", threshold=0.5)
     fp32 = EarlyExitPredictor(net, config, policy)
     bf16 = EarlyExitPredictor(net, config, policy, precision="bf16")
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.model.stages.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.model.heads.parameters()} == {torch.float32}  # heads decide: kept in fp32
     assert {p.dtype for p in net.parameters()} == {torch.float32} and fp32.model is net  # the caller's net is kept
     a, b = fp32.predict(images), bf16.predict(images)
     assert b["logits"].dtype == torch.float32
@@ -168,6 +169,37 @@ def test_bf16_casts_a_copy_once_and_answers_in_fp32():
     streamed = list(bf16.stream(images, batch=32))
     assert [o.index for o in streamed] == list(range(200))
     assert sum(o.exit == int(e) for o, e in zip(streamed, b["exits"])) >= 196  # bf16 rounding differs by batch
+
+
+def test_folding_batch_norms_keeps_the_outputs():
+    """conv-BN, and conv-max-pool-BN with positive scales, fold into the conv; a negative scale behind a pool
+    (max does not commute with it) and a training-mode BN are left alone."""
+    from torch import nn
+
+    from eelab.device import fold_batch_norms
+
+    torch.manual_seed(0)
+
+    def bn(n, sign=1.0):
+        b = nn.BatchNorm2d(n)
+        with torch.no_grad():
+            b.weight.copy_(sign * (0.5 + torch.rand(n)))
+            b.bias.normal_()
+            b.running_mean.normal_()
+            b.running_var.uniform_(0.5, 2.0)
+        return b.eval()
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, bias=False), nn.MaxPool2d(2), bn(5), nn.GELU(),
+                        nn.Conv2d(5, 6, 1), nn.MaxPool2d(2), bn(6, sign=-1.0)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    want = net(x)
+    folded = fold_batch_norms(net)
+    assert [type(m).__name__ for m in folded][1] == "Identity" and [type(m).__name__ for m in folded][5] == "Identity"
+    assert isinstance(folded[9], nn.BatchNorm2d)  # negative scales behind a max-pool: not folded
+    torch.testing.assert_close(folded(x), want, atol=1e-5, rtol=1e-5)
+    training = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # train mode: batch statistics, no fold
+    assert isinstance(fold_batch_norms(training)[1], nn.BatchNorm2d)
 
 
 def test_records_and_policy_files_carry_their_precision(tiny_checkpoint, tmp_path):

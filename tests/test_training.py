@@ -214,14 +214,63 @@ def test_alternate_flips_flip_each_image_every_other_epoch():
     assert not torch.equal(e0, training.alternate_flips(1000, 0, seed=1))
 
 
-def test_update_ema_hand_computed():
-    model, ema = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+def _model_and_average():
+    """Two batch norms: the model's weights 3 and 7 batches counted, the average's weights 1."""
+    model, avg = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():
         model.weight.fill_(3.0)
-        ema.weight.fill_(1.0)
+        avg.weight.fill_(1.0)
     model.num_batches_tracked.fill_(7)
+    return model, avg
+
+
+def test_update_ema_hand_computed():
+    model, ema = _model_and_average()
     training.update_ema(ema, model, decay=0.75)
     assert ema.weight.tolist() == [1.5, 1.5] and int(ema.num_batches_tracked) == 7  # 0.75 x 1 + 0.25 x 3
+    assert model.weight.tolist() == [3.0, 3.0]  # the model is left alone
+
+
+def test_update_lookahead_hand_computed_pulls_the_model_back():
+    model, slow = _model_and_average()
+    training.update_lookahead(slow, model, decay=0.75)
+    assert slow.weight.tolist() == [1.5, 1.5] and model.weight.tolist() == [1.5, 1.5]  # the model is pulled back
+    assert int(slow.num_batches_tracked) == 7
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    training.update_lookahead(slow, model, decay=1.0)  # the end of the run: the slow weights, unchanged
+    assert model.weight.tolist() == [1.5, 1.5]
+    assert training.lookahead_decay(0, 100) == 0.0  # at first the slow copy jumps to the model
+    assert training.lookahead_decay(50, 100) == pytest.approx(0.95 ** 5 / 8)
+    assert training.lookahead_decay(100, 100) == pytest.approx(0.95 ** 5)
+    with pytest.raises(EelabError, match="--ema and --lookahead are two weight averages"):
+        training.TrainConfig(ema=0.9, lookahead=5)
+    with pytest.raises(EelabError, match="--lookahead must be at least 0"):
+        training.TrainConfig(lookahead=-1)
+
+
+def test_lookahead_run_ends_on_its_slow_weights_and_resumes_the_same(tmp_path, tiny_folder):
+    from eelab.models import ModelConfig
+
+    cfg = tiny_config(tiny_folder, model=ModelConfig(name="ee_airnet", widths=(8, 16, 16), head_hidden=8),
+                      image_size=16, epochs=3, whiten=True, lookahead=2, flip="alternate", translate=2,
+                      schedule="triangle", momentum=0.85)
+    train(cfg, tmp_path / "full", progress=False)
+    state = torch.load(tmp_path / "full" / "state.pt", weights_only=True)
+    saved = _weights(tmp_path / "full")
+    assert _same(saved, state["slow"]) and _same(state["model"], state["slow"])  # the last step put it there
+    plain = replace(cfg, lookahead=0)
+    train(plain, tmp_path / "none", progress=False)
+    assert not _same(saved, _weights(tmp_path / "none"))  # look-ahead changed the weights
+
+    def crash_after_first_epoch(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callback=crash_after_first_epoch)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)  # the slow copy comes back from state.pt
+    assert _same(saved, _weights(tmp_path / "cut"))
 
 
 def test_whitening_makes_the_patch_covariance_the_identity():
