@@ -181,8 +181,9 @@ class OnnxEarlyExit(LiveExits):
 
     predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C] fp32, MACs [B], and
     stream(images, batch) -> each image's Exited in input order with every stage run on full batches: the same
-    code as EarlyExitPredictor's (inference.LiveExits), with onnxruntime computing each part. policy: a Policy, a saved policy file, a registry name (one that needs no
-    fitting), or None for the policy saved in the export (else the default threshold policy).
+    code as EarlyExitPredictor's (inference.LiveExits), with onnxruntime computing each part. policy: a Policy,
+    a saved policy file, a registry name (one that needs no fitting), or None for the policy saved in the export
+    (else the default threshold policy).
     """
 
     def __init__(self, path: str | Path, policy: str | Path | Policy | None = None,

@@ -234,7 +234,8 @@ class EarlyExitPredictor(LiveExits):
     predict(x uint8 [B, ch, H, W]) -> dict of exits [B], logits at the exit [B, C], MACs [B].
     stream(images) -> each image's Exited, in input order, every stage run on full batches.
     precision fp32 (default), bf16 or auto (bf16 on a CPU with native bf16): bf16 runs a copy of the model
-    cast once to bfloat16 and channels_last; logits come back in fp32 either way. config is the checkpoint's
+    with its batch norms folded, its stages cast once to bfloat16 and channels_last and its heads left in fp32
+    (device.cast_for_inference); logits come back in fp32 either way. config is the checkpoint's
     config.json; with a "checkpoint_sha256" (from_checkpoint adds it) a policy or ensemble fitted on another
     checkpoint is refused.
     """
